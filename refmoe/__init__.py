@@ -1,0 +1,15 @@
+"""refmoe: a reference Mixture-of-Experts layer with hand-derived gradients, on NumPy or CuPy."""
+from .backend import array_namespace, backend_name, cupy_available, get_xp, to_backend, to_numpy
+from .config import MoEConfig
+from .layer import MoECache, init_params, moe_backward, moe_forward, param_shapes
+from .losses import AUX_VARIANTS, aux_loss_backward, aux_loss_forward
+from . import gradcheck
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoEConfig", "MoECache", "init_params", "moe_forward", "moe_backward", "param_shapes",
+    "aux_loss_forward", "aux_loss_backward", "AUX_VARIANTS",
+    "gradcheck", "get_xp", "backend_name", "array_namespace", "to_numpy", "to_backend", "cupy_available",
+    "__version__",
+]

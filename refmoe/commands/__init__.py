@@ -1,0 +1,1 @@
+"""Subcommands of the ``refmoe`` CLI, one module each (see refmoe/cli.py)."""

@@ -1,0 +1,156 @@
+r"""The auxiliary load-balancing loss L_aux, in every published form, as one forward/backward pair.
+
+Every form is linear in a score tensor Q once the counts are fixed:
+
+.. math:: L = \sum_{i,j} W_{ij}\, Q_{ij}
+
+where Q is the full softmax P ("scores", [N, E]) or the post-top-k matrix S of the paper (rows renormalised
+over the K selected experts), and W [N, E] depends only on the routing counts c_j, the padding mask and the
+batch layout. The counts come from the hard top-k selection, so f (and W) has zero gradient; the backward is
+dQ = dL * W, chained through the renormalisation when Q = S. A variant is therefore just a function that
+builds W; ``AUX_VARIANTS`` maps names to those builders.
+
+Variants (paper-math.md):
+    paper_eq2       sum_j f_j p_j,  f_j = c_j / N, p_j = sum_i S_ij           balanced value N K / E
+    switch          E sum_j f_j Pbar_j, f_j = c_j / N, Pbar_j = mean_i P_ij   balanced value K
+    deepseek_batch  sum_j f_j Pbar_j, f_j = E c_j / (N K)                     balanced value 1
+    deepseek_seq    deepseek_batch per sequence ([B, T] layout), mean over B  balanced value 1
+with c_j the number of (valid) tokens routing to expert j and N the number of valid tokens.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from .. import ops
+from ._checks import check_mask, check_scores, check_topk
+
+
+class AuxInputs(NamedTuple):
+    """What a weight builder sees. ``routed``: [N, E] 0/1 routing map; ``valid``: [N] 0/1 floats."""
+    routed: object
+    valid: object
+    n_experts: int
+    top_k: int
+    batch_shape: tuple | None
+    xp: object
+
+
+# ----------------------------------------------------------------------------------------------
+# weight builders:  AuxInputs -> W [N, E]
+# ----------------------------------------------------------------------------------------------
+
+def _batch_counts(a: AuxInputs):
+    counts = (a.valid[:, None] * a.routed).sum(axis=0)        # [E]  c_j over valid tokens
+    n_valid = a.valid.sum()                                     # number of valid tokens
+    return counts, n_valid
+
+
+def _w_paper_eq2(a: AuxInputs):
+    counts, n = _batch_counts(a)
+    f = counts / n                                              # [E] proportion of tokens sent to j
+    return a.valid[:, None] * f[None, :]                        # p_j sums S over valid tokens
+
+
+def _w_switch(a: AuxInputs):
+    counts, n = _batch_counts(a)
+    f = counts / n                                              # [E] sums to K
+    return a.valid[:, None] * (a.n_experts * f / n)[None, :]    # E * f_j * mean_i P_ij
+
+
+def _w_deepseek_batch(a: AuxInputs):
+    counts, n = _batch_counts(a)
+    f = a.n_experts * counts / (n * a.top_k)                    # [E] 1 at perfect balance
+    return a.valid[:, None] * (f / n)[None, :]
+
+
+def _w_deepseek_seq(a: AuxInputs):
+    B, T = a.batch_shape
+    E = a.n_experts
+    valid = a.valid.reshape(B, T)                               # [B, T]
+    routed = a.routed.reshape(B, T, E)                          # [B, T, E]
+    counts = (valid[:, :, None] * routed).sum(axis=1)           # [B, E]
+    n_seq = valid.sum(axis=1)                                   # [B] valid tokens per sequence
+    has = n_seq > 0
+    n_safe = a.xp.where(has, n_seq, 1)                          # empty sequences get weight 0 below
+    f = E * counts / (n_safe[:, None] * a.top_k)                # [B, E]
+    n_used = has.sum()                                          # sequences that enter the batch mean
+    w = valid[:, :, None] * (f / n_safe[:, None])[:, None, :] / n_used   # [B, T, E]
+    return w.reshape(B * T, E)
+
+
+class AuxVariant(NamedTuple):
+    weights: Callable[[AuxInputs], object]
+    on_topk_scores: bool        # True: Q = S (post-top-k, renormalised); False: Q = P (full softmax)
+    needs_batch_shape: bool
+    balanced_value: Callable[[int, int, int], float]   # (N, E, K) -> value at perfect balance
+
+
+AUX_VARIANTS: dict[str, AuxVariant] = {
+    "paper_eq2": AuxVariant(_w_paper_eq2, True, False, lambda N, E, K: N * K / E),
+    "switch": AuxVariant(_w_switch, False, False, lambda N, E, K: float(K)),
+    "deepseek_batch": AuxVariant(_w_deepseek_batch, False, False, lambda N, E, K: 1.0),
+    "deepseek_seq": AuxVariant(_w_deepseek_seq, False, True, lambda N, E, K: 1.0),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# forward / backward
+# ----------------------------------------------------------------------------------------------
+
+class AuxCache(NamedTuple):
+    weights: object         # [N, E] W, constant (zero gradient)
+    variant: str
+    topk_cache: object      # ops.TopkScoresCache when Q = S, else None
+    shape: tuple
+
+
+def routing_map(topk_idx, n_experts: int, dtype, xp):
+    """[N, E] 0/1 matrix with a one where expert j is in token i's top-k set."""
+    N = topk_idx.shape[0]
+    routed = xp.zeros((N, n_experts), dtype=dtype)
+    routed[xp.arange(N)[:, None], topk_idx] = 1
+    return routed
+
+
+def aux_loss_forward(scores, topk_idx, variant: str = "switch", *, valid_mask=None, batch_shape=None):
+    """L_aux from the layer's softmax scores [N, E] and top-k indices [N, K] (both from ``MoECache``).
+
+    variant      one of AUX_VARIANTS (see the module docstring)
+    valid_mask   optional [N] bool, True = real token; padding is excluded from counts and means
+    batch_shape  (B, T) with B*T = N, token i = b*T + t; required by ``deepseek_seq``
+    Returns (loss, cache); loss is a 0-d array on the scores' backend and dtype.
+    """
+    if variant not in AUX_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not an L_aux form; expected one of {sorted(AUX_VARIANTS)}")
+    spec = AUX_VARIANTS[variant]
+    xp = check_scores(scores)
+    N, E = scores.shape
+    check_topk(topk_idx, N, E, xp)
+    mask = check_mask(valid_mask, N, xp)
+    if spec.needs_batch_shape:
+        if batch_shape is None:
+            raise ValueError(f"variant={variant!r} needs batch_shape=(B, T)")
+        B, T = (int(v) for v in batch_shape)
+        if B < 1 or T < 1 or B * T != N:
+            raise ValueError(f"batch_shape={tuple(batch_shape)} does not tile N={N} tokens")
+        batch_shape = (B, T)
+    valid = xp.ones(N, dtype=scores.dtype) if mask is None else mask.astype(scores.dtype)
+    routed = routing_map(topk_idx, E, scores.dtype, xp)
+    w = spec.weights(AuxInputs(routed, valid, E, topk_idx.shape[1], batch_shape, xp))
+    if spec.on_topk_scores:
+        (q, _), topk_cache = ops.topk_scores_forward(scores, topk_idx)
+    else:
+        q, topk_cache = scores, None
+    loss = (w * q).sum()
+    return loss, AuxCache(w, variant, topk_cache, scores.shape)
+
+
+def aux_loss_backward(dloss, cache: AuxCache):
+    """d_scores [N, E] = dloss * W (through the top-k renormalisation for ``paper_eq2``).
+
+    The counts f are piecewise constant in the scores: their gradient is zero and is not returned.
+    """
+    dq = cache.weights * dloss                                   # [N, E]
+    if cache.topk_cache is None:
+        return dq
+    return ops.topk_scores_backward(dq, cache.topk_cache)

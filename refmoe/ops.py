@@ -1,0 +1,185 @@
+"""Elementary ops of the MoE layer, each a pure forward/backward pair.
+
+Dimension letters (used in every shape comment of the package):
+    N tokens, D model width, H expert hidden width, E routed experts, K selected experts per token.
+
+Every ``*_forward`` returns ``(out, cache)`` and every ``*_backward(dout, cache)`` returns one gradient per
+differentiable input, in the forward's order. Integer inputs (expert indices) have zero gradient and get none.
+The derivations are in ``theory/gradients.md``; ``tests/test_ops.py`` checks each one by finite differences.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .backend import array_namespace
+
+
+# ----------------------------------------------------------------------------------------------
+# linear map  z = x @ W.T   (router logits: x [N, D], W [E, D] -> z [N, E])
+# ----------------------------------------------------------------------------------------------
+
+def linear_forward(x, w):
+    """z = x W^T.  x: [N, D], w: [E, D] -> z: [N, E]."""
+    return x @ w.T, (x, w)
+
+
+def linear_backward(dz, cache):
+    """dx = dz W, dW = dz^T x.  Returns (dx [N, D], dw [E, D])."""
+    x, w = cache
+    return dz @ w, dz.T @ x
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax over the last axis
+# ----------------------------------------------------------------------------------------------
+
+def softmax_forward(z):
+    r"""p = softmax(z) along the last axis.  z: [N, E] -> p: [N, E].
+
+    .. math:: p_{ij} = e^{z_{ij} - m_i} / \sum_l e^{z_{il} - m_i},\quad m_i = \max_l z_{il}
+
+    Numerics: max-shifted, so no overflow for large logits.
+    """
+    xp = array_namespace(z)
+    e = xp.exp(z - z.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+    return p, p
+
+
+def softmax_backward(dp, p):
+    r"""dz_ij = p_ij (dp_ij - \sum_l dp_il p_il).  Returns dz [N, E]."""
+    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# top-k selection (no gradient) and the gather of the selected scores
+# ----------------------------------------------------------------------------------------------
+
+def topk_indices(scores, k: int):
+    """Indices of the k largest entries of each row, in descending order of score.  [N, E] -> [N, K] int64.
+
+    Tie rule: among equal scores the lower expert index wins (a stable sort of -scores), on both backends.
+    The selection is piecewise constant in the scores: it has zero gradient.
+    """
+    xp = array_namespace(scores)
+    order = xp.argsort(-scores, axis=-1, kind="stable")
+    return order[:, :k].astype(xp.int64)
+
+
+def gather_forward(scores, idx):
+    """sel_ik = scores[i, idx_ik].  scores: [N, E], idx: [N, K] -> sel: [N, K]."""
+    xp = array_namespace(scores)
+    return xp.take_along_axis(scores, idx, axis=1), (idx, scores.shape)
+
+
+def gather_backward(dsel, cache):
+    """dscores[i, idx_ik] = dsel_ik, zero elsewhere (idx has distinct entries per row).  Returns [N, E]."""
+    idx, shape = cache
+    xp = array_namespace(dsel)
+    dscores = xp.zeros(shape, dtype=dsel.dtype)
+    rows = xp.arange(shape[0])[:, None]  # [N, 1]
+    dscores[rows, idx] = dsel  # plain assignment is exact: the K indices of a row are distinct
+    return dscores
+
+
+# ----------------------------------------------------------------------------------------------
+# renormalisation of the selected scores:  g_ik = sel_ik / sum_l sel_il
+# ----------------------------------------------------------------------------------------------
+
+def renorm_forward(sel):
+    r"""g_ik = sel_ik / Z_i, Z_i = \sum_l sel_il.  sel: [N, K] -> g: [N, K].
+
+    Numerics: Z_i >= max_k sel_ik > 0 for softmax scores, so no eps is needed.
+    """
+    z = sel.sum(axis=1, keepdims=True)  # [N, 1]
+    g = sel / z
+    return g, (g, z)
+
+
+def renorm_backward(dg, cache):
+    r"""dsel_ik = (dg_ik - \sum_l dg_il g_il) / Z_i.  Returns dsel [N, K]."""
+    g, z = cache
+    return (dg - (dg * g).sum(axis=1, keepdims=True)) / z
+
+
+# ----------------------------------------------------------------------------------------------
+# the post-top-k score matrix S of the paper (rows sum to 1, K non-zeros), built from scores and idx
+# ----------------------------------------------------------------------------------------------
+
+class TopkScoresCache(NamedTuple):
+    gather: tuple
+    renorm: tuple
+
+
+def topk_scores_forward(scores, idx):
+    """S_ij = P_ij / sum_{l in T_i} P_il for j in T_i, else 0 (paper Eq. 1).
+
+    scores: [N, E] full softmax, idx: [N, K] -> (S [N, E], s_sel [N, K] the non-zero entries in slot order).
+    """
+    sel, gcache = gather_forward(scores, idx)
+    s_sel, rcache = renorm_forward(sel)
+    S = gather_backward(s_sel, gcache)  # scatter back into [N, E]
+    return (S, s_sel), TopkScoresCache(gcache, rcache)
+
+
+def topk_scores_backward(dS, cache: TopkScoresCache, ds_sel=None):
+    """Gradient into the full scores from dS [N, E] (only entries on the support matter) and/or ds_sel [N, K]."""
+    xp = array_namespace(dS, ds_sel)
+    idx = cache.gather[0]
+    d_sel = xp.take_along_axis(dS, idx, axis=1) if dS is not None else 0
+    if ds_sel is not None:
+        d_sel = d_sel + ds_sel
+    return gather_backward(renorm_backward(d_sel, cache.renorm), cache.gather)
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU MLP:  out = (silu(x Wg) * (x Wu)) Wd
+# ----------------------------------------------------------------------------------------------
+
+class SwigluCache(NamedTuple):
+    x: object        # [M, D]
+    a: object        # [M, H]  x @ w_gate
+    b: object        # [M, H]  x @ w_up
+    sig: object      # [M, H]  sigmoid(a)
+    h: object        # [M, H]  silu(a) * b
+    w_gate: object   # [D, H]
+    w_up: object     # [D, H]
+    w_down: object   # [H, D]
+
+
+def _sigmoid(xp, a):
+    # Numerics: exp of -|a| never overflows; both branches agree where they meet.
+    e = xp.exp(-xp.abs(a))
+    return xp.where(a >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def swiglu_forward(x, w_gate, w_up, w_down):
+    r"""SwiGLU expert.  x: [M, D], w_gate, w_up: [D, H], w_down: [H, D] -> out: [M, D].
+
+    .. math:: a = x W_g,\; b = x W_u,\; h = \mathrm{silu}(a) \odot b,\; out = h W_d,\quad
+              \mathrm{silu}(a) = a\,\sigma(a)
+    """
+    xp = array_namespace(x, w_gate, w_up, w_down)
+    a = x @ w_gate
+    b = x @ w_up
+    sig = _sigmoid(xp, a)
+    h = a * sig * b
+    out = h @ w_down
+    return out, SwigluCache(x, a, b, sig, h, w_gate, w_up, w_down)
+
+
+def swiglu_backward(dout, cache: SwigluCache):
+    r"""Returns (dx [M, D], dw_gate [D, H], dw_up [D, H], dw_down [H, D]).
+
+    .. math:: dh = dout\,W_d^T,\; db = dh \odot \mathrm{silu}(a),\;
+              da = dh \odot b \odot \sigma(a)(1 + a(1 - \sigma(a)))
+    """
+    c = cache
+    dw_down = c.h.T @ dout
+    dh = dout @ c.w_down.T
+    db = dh * (c.a * c.sig)
+    da = dh * c.b * (c.sig * (1 + c.a * (1 - c.sig)))
+    dw_gate = c.x.T @ da
+    dw_up = c.x.T @ db
+    dx = da @ c.w_gate.T + db @ c.w_up.T
+    return dx, dw_gate, dw_up, dw_down

@@ -1,0 +1,32 @@
+"""Shared fixtures. Every numerical test takes ``xp`` (numpy or cupy); CuPy cases skip where no GPU is usable.
+
+``REFMOE_BACKEND=cupy python3 -m pytest tests`` runs both halves on a GPU machine; on a machine without one
+the CuPy half is skipped with the reason printed by ``-ra``.
+"""
+import numpy as np
+import pytest
+
+from refmoe.backend import cupy_available
+
+_CUPY = cupy_available()
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def backend(request):
+    if request.param == "cupy" and not _CUPY:
+        pytest.skip("CuPy with a CUDA device is not available")
+    return request.param
+
+
+@pytest.fixture
+def xp(backend):
+    if backend == "numpy":
+        return np
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20251123)

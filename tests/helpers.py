@@ -1,0 +1,28 @@
+"""Small helpers shared by the tests (not fixtures)."""
+import numpy as np
+
+from refmoe.backend import to_numpy
+
+# Pass mark for float64 central differences with h = 1e-6 (see refmoe/gradcheck.py): a correct backward
+# gives around 1e-9 to 1e-11, a wrong one around 1e-1 to 1.
+FD_TOL = 1e-7
+
+
+def on(xp, a):
+    """A host array moved to the test's backend (an explicit transfer, as the library requires)."""
+    return xp.asarray(a) if xp is not np else np.asarray(a)
+
+
+def softmax_rows(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def assert_all_below(errors: dict, tol: float = FD_TOL):
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol:g}: {bad}"
+
+
+def host(a):
+    return to_numpy(a)
