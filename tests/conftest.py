@@ -30,3 +30,13 @@ def xp(backend):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20251123)
+
+
+@pytest.fixture
+def cp():
+    """CuPy itself, for tests that only make sense with a GPU (parity, mixing); skipped without one."""
+    if not _CUPY:
+        pytest.skip("CuPy with a CUDA device is not available")
+    import cupy
+
+    return cupy

@@ -71,9 +71,9 @@ def _w_deepseek_seq(a: AuxInputs):
     counts = (valid[:, :, None] * routed).sum(axis=1)           # [B, E]
     n_seq = valid.sum(axis=1)                                   # [B] valid tokens per sequence
     has = n_seq > 0
-    n_safe = a.xp.where(has, n_seq, 1)                          # empty sequences get weight 0 below
+    n_safe = a.xp.where(has, n_seq, a.xp.ones_like(n_seq))      # empty sequences get weight 0 below
     f = E * counts / (n_safe[:, None] * a.top_k)                # [B, E]
-    n_used = has.sum()                                          # sequences that enter the batch mean
+    n_used = has.sum().astype(valid.dtype)                      # sequences that enter the batch mean
     w = valid[:, :, None] * (f / n_safe[:, None])[:, None, :] / n_used   # [B, T, E]
     return w.reshape(B * T, E)
 
