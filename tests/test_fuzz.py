@@ -20,7 +20,7 @@ def cases(draw):
 def test_layer_gradients_on_random_configs(case):
     cfg, n_tokens, seed, scale = case
     rng = np.random.default_rng(seed)
-    params = init_params(cfg, rng)
+    params = init_params(cfg, rng, backend="numpy")
     x = scale * rng.standard_normal((n_tokens, cfg.d_model))
     y, cache = moe_forward(x, params, cfg)
     dy = rng.standard_normal(y.shape)

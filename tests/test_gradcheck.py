@@ -55,7 +55,7 @@ def test_directional_check(xp, rng):
 def test_guard_refuses_a_routing_flip(rng):
     """Put two router logits within h of each other: the check must refuse to run."""
     cfg = MoEConfig(d_model=2, d_hidden=2, n_experts=2, top_k=1)
-    params = init_params(cfg, rng)
+    params = init_params(cfg, rng, backend="numpy")
     params["w_router"] = np.array([[1.0, 0.0], [1.0, 1e-7]])  # expert scores differ by 1e-7 * x[1]
     x = np.array([[1.0, 1.0]])
 
@@ -71,7 +71,7 @@ def test_guard_refuses_a_routing_flip(rng):
 
 def test_directional_check_on_the_layer(rng):
     cfg = MoEConfig(d_model=8, d_hidden=6, n_experts=5, top_k=2, n_shared=1)
-    params = init_params(cfg, rng)
+    params = init_params(cfg, rng, backend="numpy")
     x = rng.standard_normal((32, 8))
     y, cache = moe_forward(x, params, cfg)
     dy = rng.standard_normal(y.shape)
