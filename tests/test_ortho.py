@@ -224,3 +224,70 @@ def test_bad_inputs(rng):
         ortho_loss_forward(A, "span_code_grouping", topk_idx=np.zeros((3, 2), dtype=np.int64))
     with pytest.raises(TypeError):
         ortho_loss_forward(A.astype(np.int64), "pairwise")
+
+
+# ----------------------------------------------------------------------------------------------
+# the released grouping (compatibility mode)
+# ----------------------------------------------------------------------------------------------
+
+WORKED_TOPK = np.array([[0, 1], [2, 0], [1, 3], [0, 2]])     # N = 4, E = 4, K = 2 (docstring and theory/losses.md)
+
+
+def test_code_grouping_worked_example(xp, rng):
+    from refmoe.losses.ortho import code_grouping_order
+    idx = on(xp, WORKED_TOPK)
+    order = host(code_grouping_order(idx))
+    # flat row i*K + k holds E_{topk[i, k]}(x_i); expert-major stacking: E0(x0) E0(x1) E0(x3) E1(x0) E1(x2)
+    # E2(x1) E2(x3) E3(x2), i.e. flat rows 0 3 6 1 4 2 7 5, grouped in consecutive pairs
+    assert order.tolist() == [0, 3, 6, 1, 4, 2, 7, 5]
+    groups = [[(int(r) // 2, int(WORKED_TOPK.reshape(-1)[r])) for r in order[g:g + 2]] for g in (0, 2, 4, 6)]
+    assert groups == [[(0, 0), (1, 0)], [(3, 0), (0, 1)], [(2, 1), (1, 2)], [(3, 2), (2, 3)]]   # (token, expert)
+    A = rng.standard_normal((4, 2, 5))
+    regrouped = A.reshape(8, 5)[order].reshape(4, 2, 5)
+    code = _loss(on(xp, A), "span_code_grouping", topk_idx=idx)
+    assert code == pytest.approx(_loss(on(xp, regrouped), "span"), rel=1e-14)
+    assert abs(code - _loss(on(xp, A), "span")) > 1e-2 * abs(code)   # not the paper's grouping
+
+
+def _released_grouping_torch(torch, expert_out, topk_idx, n_experts):
+    """The released training path, transcribed with torch: per-expert blocks in expert order, concatenated,
+    viewed as [-1, K, D]."""
+    N, K, D = expert_out.shape
+    flat_idx = topk_idx.reshape(-1)
+    rows = expert_out.reshape(N * K, D)            # row p is expert flat_idx[p] applied to token p // K
+    blocks = [rows[flat_idx == e] for e in range(n_experts) if bool((flat_idx == e).any())]
+    return torch.cat(blocks, dim=0).view(-1, K, D)
+
+
+def _released_span_torch(torch, grouped):
+    """The released per-slot Gram-Schmidt projection loss on [rows, K, D], divided by K * rows."""
+    K = grouped.size(1)
+    total = 0.0
+    for i in range(K):
+        others = torch.cat([grouped[:, :i], grouped[:, i + 1:]], dim=1)
+        basis = []
+        for j in range(others.size(1)):
+            v = others[:, j]
+            for u in basis:
+                v = v - (u * v).sum(dim=-1, keepdim=True) * u
+            basis.append(v / (torch.norm(v, dim=-1, keepdim=True) + 1e-6))
+        for u in basis:
+            total = total + torch.sum(((u * grouped[:, i]).sum(dim=-1, keepdim=True) * u) ** 2)
+    return total / (K * grouped.size(0))
+
+
+@pytest.mark.parametrize("variant", ["span", "span_code_grouping"])
+def test_span_forms_match_released_code_with_torch_oracle(rng, variant):
+    torch = pytest.importorskip("torch")
+    N, K, D, E = 9, 3, 6, 5
+    A = rng.standard_normal((N, K, D))
+    idx = _topk(rng, N, K, E)
+    t = torch.tensor(A, requires_grad=True)
+    grouped = _released_grouping_torch(torch, t, torch.tensor(idx), E) if variant == "span_code_grouping" else t
+    ref = _released_span_torch(torch, grouped)
+    ref.backward()
+    loss, cache = ortho_loss_forward(A, variant, topk_idx=idx)
+    assert float(loss) == pytest.approx(ref.item(), rel=1e-13)
+    assert gradcheck.rel_error(ortho_loss_backward(1.0, cache), t.grad.numpy()) < 1e-12   # measured ~1e-16
+    other = "span" if variant == "span_code_grouping" else "span_code_grouping"
+    assert abs(float(loss) - _loss(A, other, topk_idx=idx)) > 1e-3     # the two groupings give different numbers
