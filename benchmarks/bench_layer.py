@@ -1,0 +1,376 @@
+"""Forward + backward of the refmoe layer with its three regularisers, side by side with PyTorch eager.
+
+    python3 benchmarks/bench_layer.py --backend numpy --shapes small --dtypes float32 float64
+    python3 benchmarks/bench_layer.py --backend cupy  --shapes small 16b --json results/gpu.json
+
+One process, same inputs, the implementations run alternately (refmoe, torch, refmoe, ...); each time is
+the median of ``--reps`` runs after ``--warmup`` runs. A step is: layer forward, L_aux + L_o + L_v forward,
+their gradients injected into one layer backward (task upstream gradient ``dy`` fixed and random).
+TF32 is off on both sides (CUPY_TF32=0 before CuPy loads; torch's allow_tf32 flags False).
+
+Dimension letters: N tokens, D model, H expert hidden, E experts, K top-k, Hs shared hidden.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("CUPY_TF32", "0")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import refmoe  # noqa: E402
+from refmoe import MoEConfig, init_params, moe_backward, moe_forward  # noqa: E402
+from refmoe.losses import aux_loss_backward, aux_loss_forward  # noqa: E402
+from memtrack import GpuPeak, RssPeak  # noqa: E402
+
+SHAPES = {
+    # name: (N, D, H, E, K, n_shared, norm_topk_prob, batch_shape (B, T))
+    "small": (4096, 512, 256, 16, 4, 0, True, (1, 4096)),
+    "16b": (8192, 2048, 1408, 64, 6, 2, False, (2, 4096)),   # DeepSeek-MoE-16B layer, 2 shared experts
+}
+# (aux, ortho, var, ortho eps); taken from refmoe.objective.PRESETS when that module exists
+FALLBACK_PRESETS = {"paper": ("switch", "pairwise", "paper", None),
+                    "authors_code": ("deepseek_seq", "span", "code", 1e-6)}
+COEF = 1e-3   # alpha = beta = gamma (the value does not change the work done)
+
+
+def presets():
+    try:
+        from refmoe.objective import PRESETS
+    except ImportError:
+        return FALLBACK_PRESETS, "fallback"
+    return {k: (o.aux_variant, o.ortho_loss_variant, o.var_variant, o.ortho_eps) for k, o in PRESETS.items()}, \
+        "refmoe.objective.PRESETS"
+
+
+def flop_floor(N, D, H, E, K, Hs):
+    """Matrix-product FLOPs of one forward+backward (3 products forward, 6 backward per SwiGLU)."""
+    return 6 * N * D * E + 18 * N * K * D * H + 18 * N * D * Hs
+
+
+def loss_functions():
+    """refmoe's L_o / L_v when installed, else the vectorised forms of benchmarks/fast_losses.py."""
+    try:
+        from refmoe.losses.ortho import ortho_loss_backward, ortho_loss_forward
+        from refmoe.losses.variance import var_loss_backward, var_loss_forward
+    except ImportError:
+        from fast_losses import ortho_loss_backward, ortho_loss_forward, var_loss_backward, var_loss_forward
+    return ortho_loss_forward, ortho_loss_backward, var_loss_forward, var_loss_backward
+
+
+def loss_source():
+    return loss_functions()[0].__module__
+
+
+# ----------------------------------------------------------------------------------------------
+# the two implementations of one step
+# ----------------------------------------------------------------------------------------------
+
+class RefmoeStep:
+    def __init__(self, x, params, cfg, dy, preset, batch_shape):
+        ortho_loss_forward, ortho_loss_backward, var_loss_forward, var_loss_backward = loss_functions()
+        self.o_f, self.o_b, self.v_f, self.v_b = ortho_loss_forward, ortho_loss_backward, var_loss_forward, \
+            var_loss_backward
+        self.x, self.params, self.cfg, self.dy, self.batch_shape = x, params, cfg, dy, batch_shape
+        self.aux_v, self.ortho_v, self.var_v, self.eps = preset
+
+    def aux(self, cache):
+        loss, c = aux_loss_forward(cache.scores, cache.topk_idx, self.aux_v, batch_shape=self.batch_shape)
+        return loss, aux_loss_backward(COEF, c)
+
+    def ortho(self, cache):
+        loss, c = self.o_f(cache.expert_out, self.ortho_v, eps=self.eps, topk_idx=cache.topk_idx)
+        return loss, self.o_b(COEF, c)
+
+    def var(self, cache):
+        loss, c = self.v_f(cache.scores, cache.topk_idx, self.var_v)
+        return loss, self.v_b(COEF, c)
+
+    def __call__(self):
+        y, cache = moe_forward(self.x, self.params, self.cfg)
+        l_aux, d_aux = self.aux(cache)
+        l_o, d_eo = self.ortho(cache)
+        l_v, d_var = self.var(cache)
+        grads = moe_backward(self.dy, cache, d_scores=d_aux + d_var, d_expert_out=d_eo)
+        return y, grads, (l_aux, l_o, l_v)
+
+
+class TorchStep:
+    def __init__(self, x, params, cfg, dy, preset, batch_shape, device, dispatch):
+        import torch
+        import torch_moe
+        self.torch, self.tm = torch, torch_moe
+        self.x = torch.as_tensor(x).to(device).requires_grad_(True)
+        self.dy = torch.as_tensor(dy).to(device)
+        self.p = torch_moe.to_torch(params, device)
+        self.cfg, self.batch_shape, self.dispatch = cfg, batch_shape, dispatch
+        self.aux_v, self.ortho_v, self.var_v, eps = preset
+        self.eps = 0.0 if eps is None else eps
+
+    def losses(self, scores, idx, eo, em):
+        tm = self.tm
+        return (tm.aux_loss(scores, idx, self.aux_v, self.batch_shape),
+                tm.ortho_loss(eo, em, self.ortho_v, self.eps),
+                tm.var_loss(scores, idx, self.var_v))
+
+    def __call__(self):
+        for t in [self.x, *self.p.values()]:
+            t.grad = None
+        y, scores, idx, eo, em = self.tm.layer_forward(self.x, self.p, self.cfg, self.dispatch)
+        l_aux, l_o, l_v = self.losses(scores, idx, eo, em)
+        total = (y * self.dy).sum() + COEF * (l_aux + l_o + l_v)
+        total.backward()
+        grads = {k: v.grad for k, v in self.p.items()}
+        grads["x"] = self.x.grad
+        return y, grads, (l_aux, l_o, l_v)
+
+    def loss_parts(self):
+        """Leaf copies of the losses' inputs, for timing each loss's forward+backward alone."""
+        with self.torch.no_grad():
+            _, scores, idx, eo, em = self.tm.layer_forward(self.x, self.p, self.cfg, self.dispatch)
+        return scores.detach(), idx, eo.detach(), em.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+
+def make_sync(backend):
+    if backend == "numpy":
+        return lambda: None
+    import cupy
+    import torch
+
+    def sync():
+        cupy.cuda.Device().synchronize()
+        torch.cuda.synchronize()
+    return sync
+
+
+def timed(fn, sync):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def alternate(fns: dict, sync, warmup, reps):
+    """Median seconds of each callable, run in turn (a, b, c, a, b, c, ...)."""
+    times = {k: [] for k in fns}
+    for r in range(warmup + reps):
+        for k, fn in fns.items():
+            t, _ = timed(fn, sync)
+            if r >= warmup:
+                times[k].append(t)
+    return {k: float(np.median(v)) for k, v in times.items()}, times
+
+
+def rel_err(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(1e-30, np.abs(a).max() + np.abs(b).max()))
+
+
+def host(a):
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    return refmoe.to_numpy(a)
+
+
+# ----------------------------------------------------------------------------------------------
+# one configuration
+# ----------------------------------------------------------------------------------------------
+
+def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
+    import torch
+    N, D, H, E, K, n_shared, norm, batch_shape = SHAPES[shape_name]
+    cfg = MoEConfig(D, H, E, K, n_shared=n_shared, norm_topk_prob=norm)
+    rng = np.random.default_rng(1234)
+    params = init_params(cfg, rng, dtype=dtype, backend=backend)
+    xh = rng.standard_normal((N, D)).astype(dtype)
+    dyh = (rng.standard_normal((N, D)) / np.sqrt(N * D)).astype(dtype)
+    xp = refmoe.get_xp(backend)
+    x, dy = xp.asarray(xh), xp.asarray(dyh)
+    host_params = {k: refmoe.to_numpy(v) for k, v in params.items()}
+    device = "cpu" if backend == "numpy" else "cuda"
+
+    impls = {"refmoe": RefmoeStep(x, params, cfg, dy, preset, batch_shape)}
+    for disp in args.torch_dispatch:
+        impls[f"torch_{disp}"] = TorchStep(xh, host_params, cfg, dyh, preset, batch_shape, device, disp)
+
+    # agreement of the gradients (same inputs, same function)
+    ref_y, ref_g, ref_l = impls["refmoe"]()
+    check = {}
+    for name, impl in impls.items():
+        if name == "refmoe":
+            continue
+        y, g, l = impl()
+        check[name] = {"y": rel_err(host(ref_y), host(y)),
+                       "grads": max(rel_err(host(ref_g[k]), host(g[k])) for k in ref_g),
+                       "losses": [rel_err(host(a), host(b)) for a, b in zip(ref_l, l)]}
+    del ref_y, ref_g, ref_l
+
+    med, all_times = alternate(impls, sync, args.warmup, args.reps)
+
+    # each loss's forward+backward alone (share of the step)
+    _, cache = moe_forward(x, params, cfg)
+    r = impls["refmoe"]
+    loss_fns = {"refmoe": {"aux": lambda: r.aux(cache), "ortho": lambda: r.ortho(cache),
+                           "var": lambda: r.var(cache)}}
+    for name, impl in impls.items():
+        if name == "refmoe":
+            continue
+        scores, idx, eo, em = impl.loss_parts()
+        tm, bs = impl.tm, batch_shape
+
+        def lf(f, *leaves, impl=impl):
+            def go():
+                ls = [t.clone().requires_grad_(True) for t in leaves]
+                f(*ls).backward()
+            return go
+        loss_fns[name] = {
+            "aux": lf(lambda s, impl=impl: tm.aux_loss(s, idx, impl.aux_v, bs), scores),
+            "ortho": lf(lambda a, b, impl=impl: tm.ortho_loss(a, b, impl.ortho_v, impl.eps), eo, em),
+            "var": lf(lambda s, impl=impl: tm.var_loss(s, idx, impl.var_v), scores)}
+    loss_times = {}
+    for name, fns in loss_fns.items():
+        m, _ = alternate(fns, sync, 1, args.reps)
+        loss_times[name] = m
+    del cache
+
+    # peak memory of one step, each implementation alone
+    mem = {}
+    for name, impl in impls.items():
+        if backend == "numpy":
+            with RssPeak() as rp:
+                impl()
+            mem[name] = {"rss_peak_increase": rp.peak_increase}
+        else:
+            import cupy
+            cupy.get_default_memory_pool().free_all_blocks()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            with GpuPeak() as gp:
+                impl()
+                sync()
+            mem[name] = {"cupy_peak_used": gp.peak_used, "cupy_pool_total": gp.pool_total,
+                         "torch_max_allocated": torch.cuda.max_memory_allocated(),
+                         "torch_max_reserved": torch.cuda.max_memory_reserved()}
+
+    flops = flop_floor(N, D, H, E, K, cfg.d_shared)
+    res = {"backend": backend, "shape": shape_name, "dtype": np.dtype(dtype).name, "preset": preset_name,
+           "variants": list(preset), "N": N, "D": D, "H": H, "E": E, "K": K, "n_shared": n_shared,
+           "flop_floor": flops, "median_s": med, "times_s": all_times, "loss_s": loss_times,
+           "memory": mem, "agreement": check}
+    for name in impls:
+        res.setdefault("tflops", {})[name] = flops / med[name] / 1e12
+        res.setdefault("loss_share", {})[name] = {k: v / med[name] for k, v in loss_times[name].items()}
+    del impls, params, x, dy
+    if backend == "cupy":
+        import cupy
+        cupy.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+    return res
+
+
+def gemm_ceiling(backend, dtype, sync, n=8192):
+    """Measured matrix-product rate (TFLOP/s) through CuPy and torch, TF32 off."""
+    import torch
+    out = {}
+    xp = refmoe.get_xp(backend)
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)).astype(dtype))
+    ta = torch.as_tensor(refmoe.to_numpy(a)).to("cpu" if backend == "numpy" else "cuda")
+    for name, f in {"refmoe_xp": lambda: a @ a, "torch": lambda: ta @ ta}.items():
+        f()
+        m, _ = alternate({name: f}, sync, 1, 5)
+        out[name] = 2 * n ** 3 / m[name] / 1e12
+    return out
+
+
+def environment(backend):
+    import torch
+    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
+           "numpy": np.__version__, "torch": torch.__version__, "refmoe": refmoe.__version__,
+           "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if backend == "cupy":
+        import cupy
+        env.update(cupy=cupy.__version__, device=refmoe.backend.device_description("cupy"),
+                   cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(), CUPY_TF32=os.environ.get("CUPY_TF32"),
+                   torch_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    else:
+        env["device"] = refmoe.backend.device_description("numpy")
+    return env
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    ap.add_argument("--shapes", nargs="+", default=["small"], choices=list(SHAPES))
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--presets", nargs="+", default=["paper", "authors_code"])
+    ap.add_argument("--torch-dispatch", nargs="+", default=["authors", "sorted"], choices=["authors", "sorted"])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--gemm", action="store_true", help="also measure a large GEMM's rate")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    sync = make_sync(args.backend)
+    table, source = presets()
+    out = {"env": environment(args.backend), "preset_source": source, "loss_source": loss_source(), "results": [], "gemm": {}}
+    print(json.dumps(out["env"]), source, out["loss_source"], flush=True)
+    if args.gemm:
+        for dt in args.dtypes:
+            out["gemm"][dt] = gemm_ceiling(args.backend, np.dtype(dt).type, sync)
+            print("gemm", dt, out["gemm"][dt], flush=True)
+    for shape in args.shapes:
+        for dt in args.dtypes:
+            for pname in args.presets:
+                res = run_config(args.backend, shape, np.dtype(dt).type, pname, table[pname], args, sync)
+                out["results"].append(res)
+                print(summary_line(res), flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(out, f, indent=1)
+    print_table(out["results"])
+    return out
+
+
+def summary_line(r):
+    parts = [f"{r['backend']} {r['shape']} {r['dtype']} {r['preset']}:"]
+    for k, t in r["median_s"].items():
+        parts.append(f"{k} {t * 1e3:.1f} ms ({r['tflops'][k]:.2f} TF/s)")
+    parts.append(f"agree {json.dumps(r['agreement'])}")
+    return "  ".join(parts)
+
+
+def print_table(results):
+    print("\n| backend | shape | dtype | preset | impl | ms | vs torch_authors | vs torch_sorted | TFLOP/s "
+          "| peak MiB | aux % | ortho % | var % |")
+    print("|" + "---|" * 13)
+    for r in results:
+        for k, t in r["median_s"].items():
+            m = r["memory"][k]
+            peak = m.get("rss_peak_increase", m.get("cupy_peak_used") if k == "refmoe" else m.get("torch_max_allocated"))
+            sh = r["loss_share"][k]
+            ra = t / r["median_s"].get("torch_authors", float("nan"))
+            rs = t / r["median_s"].get("torch_sorted", float("nan"))
+            print(f"| {r['backend']} | {r['shape']} | {r['dtype']} | {r['preset']} | {k} | {t * 1e3:.1f} | {ra:.2f} "
+                  f"| {rs:.2f} | {r['tflops'][k]:.2f} | {peak / 2**20:.0f} | {100 * sh['aux']:.1f} "
+                  f"| {100 * sh['ortho']:.1f} | {100 * sh['var']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
