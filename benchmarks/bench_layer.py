@@ -74,16 +74,18 @@ def loss_source():
 # ----------------------------------------------------------------------------------------------
 
 class RefmoeStep:
-    def __init__(self, x, params, cfg, dy, preset, batch_shape):
+    def __init__(self, x, params, cfg, dy, preset, batch_shape, batching="auto"):
         ortho_loss_forward, ortho_loss_backward, var_loss_forward, var_loss_backward = loss_functions()
         self.o_f, self.o_b, self.v_f, self.v_b = ortho_loss_forward, ortho_loss_backward, var_loss_forward, \
             var_loss_backward
         self.x, self.params, self.cfg, self.dy, self.batch_shape = x, params, cfg, dy, batch_shape
         self.aux_v, self.ortho_v, self.var_v, self.eps = preset
+        self.batching = batching
 
     def aux(self, cache):
         loss, c = aux_loss_forward(cache.scores, cache.topk_idx, self.aux_v, batch_shape=self.batch_shape)
-        return loss, aux_loss_backward(COEF, c)
+        # astype: deepseek_seq returns float64 for float32 scores (n_used is an integer 0-d array)
+        return loss, aux_loss_backward(COEF, c).astype(cache.scores.dtype, copy=False)
 
     def ortho(self, cache):
         loss, c = self.o_f(cache.expert_out, self.ortho_v, eps=self.eps, topk_idx=cache.topk_idx)
@@ -93,8 +95,11 @@ class RefmoeStep:
         loss, c = self.v_f(cache.scores, cache.topk_idx, self.var_v)
         return loss, self.v_b(COEF, c)
 
+    def forward(self):
+        return moe_forward(self.x, self.params, self.cfg, expert_batching=self.batching)
+
     def __call__(self):
-        y, cache = moe_forward(self.x, self.params, self.cfg)
+        y, cache = self.forward()
         l_aux, d_aux = self.aux(cache)
         l_o, d_eo = self.ortho(cache)
         l_v, d_var = self.var(cache)
@@ -203,6 +208,8 @@ def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
     device = "cpu" if backend == "numpy" else "cuda"
 
     impls = {"refmoe": RefmoeStep(x, params, cfg, dy, preset, batch_shape)}
+    for mode in args.refmoe_extra:
+        impls[f"refmoe_{mode}"] = RefmoeStep(x, params, cfg, dy, preset, batch_shape, mode)
     for disp in args.torch_dispatch:
         impls[f"torch_{disp}"] = TorchStep(xh, host_params, cfg, dyh, preset, batch_shape, device, disp)
 
@@ -213,6 +220,8 @@ def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
         if name == "refmoe":
             continue
         y, g, l = impl()
+        if name.startswith("refmoe"):
+            g = {k: g[k] for k in ref_g}
         check[name] = {"y": rel_err(host(ref_y), host(y)),
                        "grads": max(rel_err(host(ref_g[k]), host(g[k])) for k in ref_g),
                        "losses": [rel_err(host(a), host(b)) for a, b in zip(ref_l, l)]}
@@ -220,13 +229,27 @@ def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
 
     med, all_times = alternate(impls, sync, args.warmup, args.reps)
 
+    # refmoe's phases: forward, each loss (forward + backward), backward
+    r = impls["refmoe"]
+    ph = {}
+    for rep in range(args.reps + 1):
+        t_f, (y, cache) = timed(r.forward, sync)
+        t_a, (_, d_aux) = timed(lambda: r.aux(cache), sync)
+        t_o, (_, d_eo) = timed(lambda: r.ortho(cache), sync)
+        t_v, (_, d_var) = timed(lambda: r.var(cache), sync)
+        t_b, _ = timed(lambda: moe_backward(dy, cache, d_scores=d_aux + d_var, d_expert_out=d_eo), sync)
+        if rep:
+            for k, t in zip(("forward", "aux", "ortho", "var", "backward"), (t_f, t_a, t_o, t_v, t_b)):
+                ph.setdefault(k, []).append(t)
+    phases = {k: float(np.median(v)) for k, v in ph.items()}
+    del y, cache, d_aux, d_eo, d_var
+
     # each loss's forward+backward alone (share of the step)
     _, cache = moe_forward(x, params, cfg)
-    r = impls["refmoe"]
     loss_fns = {"refmoe": {"aux": lambda: r.aux(cache), "ortho": lambda: r.ortho(cache),
                            "var": lambda: r.var(cache)}}
     for name, impl in impls.items():
-        if name == "refmoe":
+        if name.startswith("refmoe"):
             continue
         scores, idx, eo, em = impl.loss_parts()
         tm, bs = impl.tm, batch_shape
@@ -269,10 +292,12 @@ def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
     res = {"backend": backend, "shape": shape_name, "dtype": np.dtype(dtype).name, "preset": preset_name,
            "variants": list(preset), "N": N, "D": D, "H": H, "E": E, "K": K, "n_shared": n_shared,
            "flop_floor": flops, "median_s": med, "times_s": all_times, "loss_s": loss_times,
-           "memory": mem, "agreement": check}
+           "memory": mem, "agreement": check,
+           "refmoe_phases_s": phases}
     for name in impls:
         res.setdefault("tflops", {})[name] = flops / med[name] / 1e12
-        res.setdefault("loss_share", {})[name] = {k: v / med[name] for k, v in loss_times[name].items()}
+        if name in loss_times:
+            res.setdefault("loss_share", {})[name] = {k: v / med[name] for k, v in loss_times[name].items()}
     del impls, params, x, dy
     if backend == "cupy":
         import cupy
@@ -317,6 +342,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     ap.add_argument("--presets", nargs="+", default=["paper", "authors_code"])
     ap.add_argument("--torch-dispatch", nargs="+", default=["authors", "sorted"], choices=["authors", "sorted"])
+    ap.add_argument("--refmoe-extra", nargs="*", default=[], choices=["loop", "padded"],
+                    help="also time refmoe with this expert batching forced")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--gemm", action="store_true", help="also measure a large GEMM's rate")
@@ -338,7 +365,12 @@ def main(argv=None):
     for shape in args.shapes:
         for dt in args.dtypes:
             for pname in args.presets:
-                res = run_config(args.backend, shape, np.dtype(dt).type, pname, table[pname], args, sync)
+                try:
+                    res = run_config(args.backend, shape, np.dtype(dt).type, pname, table[pname], args, sync)
+                except Exception:  # keep the other configurations' numbers
+                    import traceback
+                    traceback.print_exc()
+                    continue
                 out["results"].append(res)
                 print(summary_line(res), flush=True)
                 if args.json:
@@ -353,6 +385,7 @@ def summary_line(r):
     for k, t in r["median_s"].items():
         parts.append(f"{k} {t * 1e3:.1f} ms ({r['tflops'][k]:.2f} TF/s)")
     parts.append(f"agree {json.dumps(r['agreement'])}")
+    parts.append("phases " + " ".join(f"{k} {v * 1e3:.1f}" for k, v in r["refmoe_phases_s"].items()))
     return "  ".join(parts)
 
 
@@ -364,7 +397,7 @@ def print_table(results):
         for k, t in r["median_s"].items():
             m = r["memory"][k]
             peak = m.get("rss_peak_increase", m.get("cupy_peak_used") if k == "refmoe" else m.get("torch_max_allocated"))
-            sh = r["loss_share"][k]
+            sh = r["loss_share"].get(k, {"aux": float("nan"), "ortho": float("nan"), "var": float("nan")})
             ra = t / r["median_s"].get("torch_authors", float("nan"))
             rs = t / r["median_s"].get("torch_sorted", float("nan"))
             print(f"| {r['backend']} | {r['shape']} | {r['dtype']} | {r['preset']} | {k} | {t * 1e3:.1f} | {ra:.2f} "

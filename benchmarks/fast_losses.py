@@ -2,7 +2,7 @@
 refmoe.losses.variance are not installed, and proposed as their fast form.
 
 No Python loop over tokens; L_o works on the per-token Gram matrix G = X X^T [N, K, K] (one batched product)
-and, for the span forms, on a batched linear solve with the Gram matrix of the other K-1 slots.
+and, for the span forms, on its batched inverse (projection on the other K-1 slots by the Schur complement).
 
 Dimension letters: N tokens, K slots, D model, E experts.
 """
@@ -45,18 +45,12 @@ def ortho_loss_forward(expert_out, variant="pairwise", *, eps=None, topk_idx=Non
         G2 = G * G * off                                                    # [N, K, K]
         loss = (G2 * c[:, None, :]).sum()
         return loss, OrthoCache(variant, x, (G, d, c, off, e), order)
-    # span: L = 1/(K N) sum_i sum_a x_a^T P_a x_a, P_a the projector on span(other slots); coefficients
-    # c_a = G_o^{-1} (X_o x_a) by a batched solve; the residual r_a = x_a - X_o^T c_a.
-    loss = 0.0
-    parts = []
-    for a in range(K):          # K is small (top-k): a loop over slots, vectorised over tokens
-        others = [m for m in range(K) if m != a]
-        Go = G[:, others][:, :, others]                                     # [N, K-1, K-1]
-        g = G[:, others, a]                                                 # [N, K-1]
-        coef = xp.linalg.solve(Go, g[:, :, None])[:, :, 0]                  # [N, K-1]
-        loss = loss + (coef * g).sum()
-        parts.append((others, coef))
-    return loss / (K * N), OrthoCache(variant, x, tuple(parts), order)
+    # span: ||P_a x_a||^2 = G_aa - ||residual||^2 = G_aa - 1 / (G^{-1})_aa (Schur complement), so
+    # L = 1/(K N) sum_i [tr G_i - sum_a 1 / (G_i^{-1})_aa]: one batched K x K inverse, no loop at all.
+    M = xp.linalg.inv(G)                                                    # [N, K, K]
+    m = xp.diagonal(M, axis1=1, axis2=2)                                    # [N, K]
+    loss = (xp.trace(G, axis1=1, axis2=2) - (1.0 / m).sum(axis=1)).sum() / (K * N)
+    return loss, OrthoCache(variant, x, (M, m), order)
 
 
 def ortho_loss_backward(dloss, cache: OrthoCache):
@@ -71,14 +65,10 @@ def ortho_loss_backward(dloss, cache: OrthoCache):
         A = dG + xp.eye(K, dtype=x.dtype) * dd[:, :, None]                  # [N, K, K]
         dx = (A + _mT(A)) @ x                                               # [N, K, D]  G = X X^T
     else:
-        # d(x_a^T P x_a)/dx_a = 2 P x_a,  d/dx_m = 2 c_m r_a for each other slot m (projector derivative)
-        dx = xp.zeros_like(x)
-        scale = 2.0 * dloss / (K * N)
-        for a, (others, coef) in enumerate(cache.parts):
-            px = (coef[:, :, None] * x[:, others]).sum(axis=1)              # [N, D] P x_a
-            r = x[:, a] - px                                                # [N, D] residual
-            dx[:, a] += scale * px
-            dx[:, others] += scale * coef[:, :, None] * r[:, None, :]
+        # dL/dG = (I - M diag(1 / m^2) M) / (K N)  (from dM = -M dG M); G = X X^T gives dX = 2 dG X
+        M, m = cache.parts
+        dG = xp.eye(K, dtype=x.dtype) - (M / (m * m)[:, None, :]) @ M      # [N, K, K] symmetric
+        dx = (2.0 * dloss / (K * N)) * (dG @ x)                             # [N, K, D]
     if cache.order is not None:
         flat = xp.empty_like(dx.reshape(N * K, D))
         flat[cache.order] = dx.reshape(N * K, D)

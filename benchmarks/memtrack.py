@@ -52,12 +52,12 @@ class GpuPeak:
         class _Hook(memory_hook.MemoryHook):
             name = "refmoe_peak"
 
-            def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
-                tracker.used += mem_size
+            def malloc_postprocess(self, **kw):
+                tracker.used += kw["mem_size"]
                 tracker.peak_used = max(tracker.peak_used, tracker.used)
 
-            def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
-                tracker.used -= mem_size
+            def free_postprocess(self, **kw):
+                tracker.used -= kw["mem_size"]
 
         self._pool = pool
         self.used = self.peak_used = pool.used_bytes()
