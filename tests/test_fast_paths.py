@@ -130,7 +130,9 @@ def test_dispatch_modes(xp, rng):
     slot = host(padded.slot)
     assert len(set(slot.tolist())) == slot.size                    # distinct rows
     assert ((slot // padded.capacity) == host(idx).ravel()).all()  # row block = the expert
-    auto = dispatch(idx, 6, "auto")
+    assert dispatch(idx, 6, "auto").slot is None                    # C = max count: too much padding here
+    balanced = on(xp, (np.arange(12 * 3).reshape(12, 3) % 6).astype(np.int64))   # every count 6
+    auto = dispatch(balanced, 6, "auto")
     assert (auto.slot is None) == (xp is np)                        # CPU: loop; GPU: padded when cheap
     with pytest.raises(ValueError, match="expert batching"):
         dispatch(idx, 6, "grouped")
