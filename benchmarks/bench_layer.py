@@ -55,8 +55,13 @@ def flop_floor(N, D, H, E, K, Hs):
     return 6 * N * D * E + 18 * N * K * D * H + 18 * N * D * Hs
 
 
-def loss_functions():
-    """refmoe's L_o / L_v when installed, else the vectorised forms of benchmarks/fast_losses.py."""
+def loss_functions(proposed=False):
+    """refmoe's L_o / L_v when installed, else the vectorised forms of benchmarks/fast_losses.py.
+    proposed=True: L_o from benchmarks/proposed_ortho.py (the suggested fast form of refmoe's L_o)."""
+    if proposed:
+        import proposed_ortho
+        _, _, vf, vb = loss_functions()
+        return proposed_ortho.ortho_loss_forward, proposed_ortho.ortho_loss_backward, vf, vb
     try:
         from refmoe.losses.ortho import ortho_loss_backward, ortho_loss_forward
         from refmoe.losses.variance import var_loss_backward, var_loss_forward
@@ -74,8 +79,8 @@ def loss_source():
 # ----------------------------------------------------------------------------------------------
 
 class RefmoeStep:
-    def __init__(self, x, params, cfg, dy, preset, batch_shape, batching="auto"):
-        ortho_loss_forward, ortho_loss_backward, var_loss_forward, var_loss_backward = loss_functions()
+    def __init__(self, x, params, cfg, dy, preset, batch_shape, batching="auto", proposed=False):
+        ortho_loss_forward, ortho_loss_backward, var_loss_forward, var_loss_backward = loss_functions(proposed)
         self.o_f, self.o_b, self.v_f, self.v_b = ortho_loss_forward, ortho_loss_backward, var_loss_forward, \
             var_loss_backward
         self.x, self.params, self.cfg, self.dy, self.batch_shape = x, params, cfg, dy, batch_shape
@@ -194,8 +199,8 @@ def host(a):
 # one configuration
 # ----------------------------------------------------------------------------------------------
 
-def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
-    import torch
+def build(backend, shape_name, dtype, preset, args, only=None):
+    """Same inputs for every implementation: parameters and x drawn once on the host from one seed."""
     N, D, H, E, K, n_shared, norm, batch_shape = SHAPES[shape_name]
     cfg = MoEConfig(D, H, E, K, n_shared=n_shared, norm_topk_prob=norm)
     rng = np.random.default_rng(1234)
@@ -206,12 +211,47 @@ def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
     x, dy = xp.asarray(xh), xp.asarray(dyh)
     host_params = {k: refmoe.to_numpy(v) for k, v in params.items()}
     device = "cpu" if backend == "numpy" else "cuda"
+    names = ["refmoe"] + [f"refmoe_{m}" for m in args.refmoe_extra] + [f"torch_{d}" for d in args.torch_dispatch]
+    impls = {}
+    for name in names if only is None else [only]:
+        if name.startswith("torch_"):
+            impls[name] = TorchStep(xh, host_params, cfg, dyh, preset, batch_shape, device, name[6:])
+        elif name == "refmoe_proposed":
+            impls[name] = RefmoeStep(x, params, cfg, dy, preset, batch_shape, proposed=True)
+        elif name == "refmoe":
+            impls[name] = RefmoeStep(x, params, cfg, dy, preset, batch_shape)
+        else:
+            impls[name] = RefmoeStep(x, params, cfg, dy, preset, batch_shape, name[7:])
+    return impls, x, params, cfg, dy, batch_shape, xh, dyh
 
-    impls = {"refmoe": RefmoeStep(x, params, cfg, dy, preset, batch_shape)}
-    for mode in args.refmoe_extra:
-        impls[f"refmoe_{mode}"] = RefmoeStep(x, params, cfg, dy, preset, batch_shape, mode)
-    for disp in args.torch_dispatch:
-        impls[f"torch_{disp}"] = TorchStep(xh, host_params, cfg, dyh, preset, batch_shape, device, disp)
+
+def host_peak_in_child(name, shape_name, dtype, preset_name):
+    """Peak RSS increase of one step of one implementation, measured in a fresh process where every
+    large block is mmapped (MALLOC_MMAP_THRESHOLD_), so that RSS follows the live memory."""
+    import subprocess
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, os.path.abspath(__file__), "--mem-child", name, "--shapes", shape_name,
+           "--dtypes", np.dtype(dtype).name, "--presets", preset_name]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def mem_child(args):
+    import gc
+    table, _ = presets()
+    impls, *_ = build("numpy", args.shapes[0], np.dtype(args.dtypes[0]).type, table[args.presets[0]], args,
+                      only=args.mem_child)
+    impl = impls[args.mem_child]
+    gc.collect()
+    with RssPeak() as rp:
+        impl()
+    print(json.dumps({"rss_peak_increase": rp.peak_increase}))
+
+def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
+    import torch
+    impls, x, params, cfg, dy, batch_shape, xh, dyh = build(backend, shape_name, dtype, preset, args)
+    N, D, H, E, K = xh.shape[0], cfg.d_model, cfg.d_hidden, cfg.n_experts, cfg.top_k
+    n_shared = cfg.n_shared
 
     # agreement of the gradients (same inputs, same function)
     ref_y, ref_g, ref_l = impls["refmoe"]()
@@ -246,8 +286,11 @@ def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
 
     # each loss's forward+backward alone (share of the step)
     _, cache = moe_forward(x, params, cfg)
-    loss_fns = {"refmoe": {"aux": lambda: r.aux(cache), "ortho": lambda: r.ortho(cache),
-                           "var": lambda: r.var(cache)}}
+    loss_fns = {}
+    for name, impl in impls.items():
+        if name in ("refmoe", "refmoe_proposed"):
+            loss_fns[name] = {"aux": lambda impl=impl: impl.aux(cache), "ortho": lambda impl=impl: impl.ortho(cache),
+                              "var": lambda impl=impl: impl.var(cache)}
     for name, impl in impls.items():
         if name.startswith("refmoe"):
             continue
@@ -273,9 +316,7 @@ def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
     mem = {}
     for name, impl in impls.items():
         if backend == "numpy":
-            with RssPeak() as rp:
-                impl()
-            mem[name] = {"rss_peak_increase": rp.peak_increase}
+            mem[name] = host_peak_in_child(name, shape_name, dtype, preset_name)
         else:
             import cupy
             cupy.get_default_memory_pool().free_all_blocks()
@@ -342,13 +383,16 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     ap.add_argument("--presets", nargs="+", default=["paper", "authors_code"])
     ap.add_argument("--torch-dispatch", nargs="+", default=["authors", "sorted"], choices=["authors", "sorted"])
-    ap.add_argument("--refmoe-extra", nargs="*", default=[], choices=["loop", "padded"],
-                    help="also time refmoe with this expert batching forced")
+    ap.add_argument("--refmoe-extra", nargs="*", default=[], choices=["loop", "padded", "proposed"],
+                    help="also time refmoe with this expert batching forced, or with the proposed L_o")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--gemm", action="store_true", help="also measure a large GEMM's rate")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.mem_child:
+        return mem_child(args)
 
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False

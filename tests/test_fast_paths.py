@@ -161,3 +161,46 @@ def test_layer_finite_differences_both_paths(xp, rng, mode):
     grads = moe_backward(dy, cache, d_scores=d_sc, d_expert_out=d_eo)
     errors = check_vjp(f, inputs, grads, guard=guard)
     assert_all_below(errors)                                        # measured ~1e-10; pass mark 1e-7
+
+
+# ----------------------------------------------------------------------------------------------
+# the proposed Gram / Cholesky form of L_o (benchmarks/proposed_ortho.py) against refmoe.losses.ortho
+# ----------------------------------------------------------------------------------------------
+
+def _proposed_ortho():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import proposed_ortho
+    return proposed_ortho
+
+
+@pytest.mark.parametrize("variant", ["pairwise", "span", "span_code_grouping"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_proposed_ortho_equals_refmoe_ortho(xp, rng, variant, masked, dtype):
+    from refmoe.losses import ortho
+    po = _proposed_ortho()
+    N, K, D, E = 9, 4, 11, 7
+    A = on(xp, rng.standard_normal((N, K, D)).astype(dtype))
+    idx = on(xp, np.stack([rng.permutation(E)[:K] for _ in range(N)]).astype(np.int64))
+    mask = on(xp, rng.random(N) > 0.3) if masked else None
+    l0, c0 = ortho.ortho_loss_forward(A, variant, topk_idx=idx, valid_mask=mask)
+    l1, c1 = po.ortho_loss_forward(A, variant, topk_idx=idx, valid_mask=mask)
+    d0, d1 = ortho.ortho_loss_backward(0.7, c0), po.ortho_loss_backward(0.7, c1)
+    assert l1.dtype == dtype and d1.dtype == dtype
+    tol = 1e-12 if dtype == np.float64 else 1e-5          # measured ~5e-16 / ~3e-7
+    assert rel_error(l0, l1) < tol and rel_error(d0, d1) < tol
+
+
+def test_proposed_span_falls_back_on_dependent_slots(xp, rng):
+    from refmoe.losses import ortho
+    po = _proposed_ortho()
+    A = rng.standard_normal((5, 3, 8))
+    A[:, 2] = A[:, 1]                                     # G singular: no Cholesky factor
+    A = on(xp, A)
+    l1, c1 = po.ortho_loss_forward(A, "span")
+    l0, c0 = ortho.ortho_loss_forward(A, "span")
+    assert c1[4] is None                                  # the Gram-Schmidt on A ran
+    assert rel_error(l0, l1) < 1e-14
+    assert rel_error(ortho.ortho_loss_backward(1.0, c0), po.ortho_loss_backward(1.0, c1)) < 1e-14
