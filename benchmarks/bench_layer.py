@@ -103,6 +103,9 @@ class RefmoeStep:
     def forward(self):
         return moe_forward(self.x, self.params, self.cfg, expert_batching=self.batching)
 
+    def resident_bytes(self):
+        return sum(int(a.nbytes) for a in [self.x, self.dy, *self.params.values()])
+
     def __call__(self):
         y, cache = self.forward()
         l_aux, d_aux = self.aux(cache)
@@ -123,6 +126,13 @@ class TorchStep:
         self.cfg, self.batch_shape, self.dispatch = cfg, batch_shape, dispatch
         self.aux_v, self.ortho_v, self.var_v, eps = preset
         self.eps = 0.0 if eps is None else eps
+
+    def clear_grads(self):
+        for t in [self.x, *self.p.values()]:
+            t.grad = None
+
+    def resident_bytes(self):
+        return sum(t.numel() * t.element_size() for t in [self.x, self.dy, *self.p.values()])
 
     def losses(self, scores, idx, eo, em):
         tm = self.tm
@@ -319,13 +329,24 @@ def run_config(backend, shape_name, dtype, preset_name, preset, args, sync):
             mem[name] = host_peak_in_child(name, shape_name, dtype, preset_name)
         else:
             import cupy
+            for other in impls.values():            # leftover gradients of earlier runs: not this step's
+                if isinstance(other, TorchStep):
+                    other.clear_grads()
             cupy.get_default_memory_pool().free_all_blocks()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            torch_start = torch.cuda.memory_allocated()
             with GpuPeak() as gp:
+                cupy_start = gp.used
                 impl()
                 sync()
-            mem[name] = {"cupy_peak_used": gp.peak_used, "cupy_pool_total": gp.pool_total,
+            # the step's own peak: its parameters, x and dy, plus everything the step allocated
+            own = impl.resident_bytes()
+            if isinstance(impl, TorchStep):
+                step_peak = torch.cuda.max_memory_allocated() - torch_start + own
+            else:
+                step_peak = gp.peak_used - cupy_start + own
+            mem[name] = {"step_peak": step_peak, "cupy_peak_used": gp.peak_used, "cupy_pool_total": gp.pool_total,
                          "torch_max_allocated": torch.cuda.max_memory_allocated(),
                          "torch_max_reserved": torch.cuda.max_memory_reserved()}
 
@@ -365,7 +386,8 @@ def environment(backend):
     import torch
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
            "numpy": np.__version__, "torch": torch.__version__, "refmoe": refmoe.__version__,
-           "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+           "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "loadavg_at_start": os.getloadavg()}
     if backend == "cupy":
         import cupy
         env.update(cupy=cupy.__version__, device=refmoe.backend.device_description("cupy"),
@@ -440,7 +462,7 @@ def print_table(results):
     for r in results:
         for k, t in r["median_s"].items():
             m = r["memory"][k]
-            peak = m.get("rss_peak_increase", m.get("cupy_peak_used") if k == "refmoe" else m.get("torch_max_allocated"))
+            peak = m.get("rss_peak_increase", m.get("step_peak"))
             sh = r["loss_share"].get(k, {"aux": float("nan"), "ortho": float("nan"), "var": float("nan")})
             ra = t / r["median_s"].get("torch_authors", float("nan"))
             rs = t / r["median_s"].get("torch_sorted", float("nan"))
