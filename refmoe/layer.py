@@ -124,7 +124,7 @@ def dispatch(topk_idx, n_experts: int, batching: str = "loop") -> Dispatch:
               E small products). "auto": padded on CuPy when the padding stays under PAD_LIMIT, else loop.
     """
     if batching not in EXPERT_BATCHING:
-        raise ValueError(f"expert batching {batching!r}; expected one of {EXPERT_BATCHING}")
+        raise ValueError(f"expert_batching={batching!r} is not a mode; expected one of {EXPERT_BATCHING}")
     xp = array_namespace(topk_idx)
     N, K = topk_idx.shape
     flat = topk_idx.reshape(-1)                                    # [N*K]
@@ -232,6 +232,8 @@ def moe_forward(x, params: dict, cfg: MoEConfig, *, expert_batching: str = "auto
     """
     if not isinstance(cfg, MoEConfig):
         raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+    if expert_batching not in EXPERT_BATCHING:
+        raise ValueError(f"expert_batching={expert_batching!r} is not a mode; expected one of {EXPERT_BATCHING}")
     _check_params(params, cfg)
     xp = _check_input(x, params, cfg)
     N, D, K, E = x.shape[0], cfg.d_model, cfg.top_k, cfg.n_experts

@@ -134,13 +134,20 @@ def test_dispatch_modes(xp, rng):
     balanced = on(xp, (np.arange(12 * 3).reshape(12, 3) % 6).astype(np.int64))   # every count 6
     auto = dispatch(balanced, 6, "auto")
     assert (auto.slot is None) == (xp is np)                        # CPU: loop; GPU: padded when cheap
-    with pytest.raises(ValueError, match="expert batching"):
+    with pytest.raises(ValueError, match="expert_batching='grouped'"):
         dispatch(idx, 6, "grouped")
 
 
 # ----------------------------------------------------------------------------------------------
 # whole layer against central differences, both paths (float64)
 # ----------------------------------------------------------------------------------------------
+
+def test_bad_expert_batching_is_rejected(xp, rng):
+    cfg = MoEConfig(8, 4, 5, 2)
+    params, x, _, _, _ = _layer_inputs(xp, rng, cfg, np.float64, N=6)
+    with pytest.raises(ValueError, match="expected one of"):
+        moe_forward(x, params, cfg, expert_batching="grouped")
+
 
 @pytest.mark.parametrize("mode", ["loop", "padded"])
 def test_layer_finite_differences_both_paths(xp, rng, mode):
