@@ -98,7 +98,7 @@ def span_rows_backward(g, Y, tape_all):
 def span_per_token_fast(A, eps):
     """Same as ``ortho_span.span_per_token(A, eps)``; returns (per_token [N], L or None)."""
     xp = array_namespace(A)
-    L = _cholesky_rows(gram(A).astype(xp.float64))
+    L = _cholesky_rows(gram(A).astype(xp.float64)) if A.shape[1] > 1 else None   # K = 1: no other slot
     if L is None:
         return span_per_token(A, eps), None
     per_token, tape = span_rows(L, eps)

@@ -211,3 +211,12 @@ def test_proposed_span_falls_back_on_dependent_slots(xp, rng):
     assert c1[4] is None                                  # the Gram-Schmidt on A ran
     assert rel_error(l0, l1) < 1e-14
     assert rel_error(ortho.ortho_loss_backward(1.0, c0), po.ortho_loss_backward(1.0, c1)) < 1e-14
+
+
+def test_proposed_ortho_single_slot_is_zero(xp, rng):
+    po = _proposed_ortho()
+    A = on(xp, rng.standard_normal((5, 1, 8)))
+    for variant in ("pairwise", "span"):
+        loss, cache = po.ortho_loss_forward(A, variant)
+        assert float(loss) == 0.0
+        assert float(abs(po.ortho_loss_backward(1.0, cache)).max()) == 0.0
