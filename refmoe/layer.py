@@ -107,18 +107,95 @@ class Dispatch(NamedTuple):
     order: object       # [N*K] permutation: sorted position -> flat (token, slot) position
     token: object       # [N*K] token index of each sorted assignment
     offsets: tuple      # E + 1 host ints: assignments of expert e are sorted[offsets[e]:offsets[e+1]]
+    capacity: int = 0   # C rows per expert of the padded [E, C] layout; 0 when experts run one by one
+    slot: object = None  # [N*K] row e*C + rank of each flat (token, slot) in the padded layout, or None
 
 
-def dispatch(topk_idx, n_experts: int) -> Dispatch:
-    """Sort the flat assignments by expert id (stable, so tokens stay in order within an expert)."""
+EXPERT_BATCHING = ("auto", "loop", "padded")
+PAD_LIMIT = 1.25    # "auto" pads only when E * C <= PAD_LIMIT * N * K (at most 25% zero rows)
+
+
+def dispatch(topk_idx, n_experts: int, batching: str = "loop") -> Dispatch:
+    """Sort the flat assignments by expert id (stable, so tokens stay in order within an expert).
+
+    batching  "loop": one SwiGLU per expert on its contiguous block of the sorted rows.
+              "padded": also lay the rows out as [E, C] with C = the largest count, zero rows filling
+              the rest, so that every expert runs in one batched matmul (fills a GPU far better than
+              E small products). "auto": padded on CuPy when the padding stays under PAD_LIMIT, else loop.
+    """
+    if batching not in EXPERT_BATCHING:
+        raise ValueError(f"expert_batching={batching!r} is not a mode; expected one of {EXPERT_BATCHING}")
     xp = array_namespace(topk_idx)
     N, K = topk_idx.shape
     flat = topk_idx.reshape(-1)                                    # [N*K]
     order = xp.argsort(flat, kind="stable")                        # [N*K]
     token = order // K                                             # [N*K]
-    counts = to_numpy(xp.bincount(flat, minlength=n_experts))      # [E] small explicit device->host read
+    counts_dev = xp.bincount(flat, minlength=n_experts)            # [E]
+    counts = to_numpy(counts_dev)                                  # [E] small explicit device->host read
     offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(counts)]))
-    return Dispatch(order, token, offsets)
+    C = int(counts.max())
+    if batching == "auto":
+        batching = "padded" if xp is not np and n_experts * C <= PAD_LIMIT * N * K else "loop"
+    if batching == "loop":
+        return Dispatch(order, token, offsets)
+    expert_sorted = flat[order]                                    # [N*K] non-decreasing expert ids
+    start = xp.cumsum(counts_dev) - counts_dev                     # [E] first sorted row of each expert
+    rank = xp.arange(N * K) - start[expert_sorted]                 # [N*K] position within the expert
+    slot = xp.empty_like(order)
+    slot[order] = expert_sorted * C + rank                         # a permutation into E*C rows
+    return Dispatch(order, token, offsets, C, slot)
+
+
+def _experts_forward(x, params, plan: Dispatch, N: int, K: int, E: int):
+    """Unweighted outputs of the selected experts, token-major [N*K, D], and the SwiGLU caches."""
+    xp = array_namespace(x)
+    D = x.shape[1]
+    if plan.slot is not None:                                      # one batched SwiGLU over [E, C, D]
+        x_pad = xp.zeros((E * plan.capacity, D), dtype=x.dtype)    # [E*C, D] zero rows give zero outputs
+        x_pad[plan.slot.reshape(N, K)] = x[:, None, :]              # token i into its K rows
+        out_pad, c = ops.swiglu_forward(x_pad.reshape(E, plan.capacity, D),
+                                        params["w_gate"], params["w_up"], params["w_down"])
+        return out_pad.reshape(E * plan.capacity, D)[plan.slot], (c,)
+    x_sorted = x[plan.token]                                       # [N*K, D]
+    out_sorted = xp.empty_like(x_sorted)                           # [N*K, D]
+    expert_caches = []
+    for e in range(E):
+        lo, hi = plan.offsets[e], plan.offsets[e + 1]
+        if lo == hi:
+            expert_caches.append(None)
+            continue
+        out_sorted[lo:hi], c = ops.swiglu_forward(
+            x_sorted[lo:hi], params["w_gate"][e], params["w_up"][e], params["w_down"][e])
+        expert_caches.append(c)
+    expert_flat = xp.empty_like(out_sorted)                        # [N*K, D]
+    expert_flat[plan.order] = out_sorted                           # a permutation: no duplicates
+    return expert_flat, tuple(expert_caches)
+
+
+def _experts_backward(d_flat, params, plan: Dispatch, expert_caches, E: int):
+    """d_flat: [N*K, D] gradient on the token-major expert outputs -> (dx_flat [N*K, D], dw_gate, dw_up, dw_down)."""
+    xp = array_namespace(d_flat)
+    D = d_flat.shape[1]
+    if plan.slot is not None:
+        d_pad = xp.zeros((E * plan.capacity, D), dtype=d_flat.dtype)   # [E*C, D]
+        d_pad[plan.slot] = d_flat
+        dx_pad, dw_gate, dw_up, dw_down = ops.swiglu_backward(
+            d_pad.reshape(E, plan.capacity, D), expert_caches[0])
+        return dx_pad.reshape(E * plan.capacity, D)[plan.slot], dw_gate, dw_up, dw_down
+    d_out_sorted = d_flat[plan.order]                              # [N*K, D]
+    dx_sorted = xp.zeros_like(d_out_sorted)                        # [N*K, D]
+    dw_gate = xp.zeros_like(params["w_gate"])
+    dw_up = xp.zeros_like(params["w_up"])
+    dw_down = xp.zeros_like(params["w_down"])
+    for e in range(E):
+        lo, hi = plan.offsets[e], plan.offsets[e + 1]
+        if lo == hi:
+            continue
+        dx_sorted[lo:hi], dw_gate[e], dw_up[e], dw_down[e] = ops.swiglu_backward(
+            d_out_sorted[lo:hi], expert_caches[e])
+    dx_flat = xp.empty_like(dx_sorted)
+    dx_flat[plan.order] = dx_sorted
+    return dx_flat, dw_gate, dw_up, dw_down
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,19 +214,26 @@ class MoECache(NamedTuple):
     cfg: MoEConfig
     params: dict
     dispatch: Dispatch
-    expert_caches: tuple    # E entries: ops.SwigluCache, or None for an expert with no tokens
+    expert_caches: tuple    # loop: E entries (ops.SwigluCache, or None for an expert with no tokens);
+                            # padded: one ops.SwigluCache over [E, C, .]
     shared_cache: object    # ops.SwigluCache or None
     gather_cache: tuple
     renorm_cache: tuple     # or None when norm_topk_prob is False
 
 
-def moe_forward(x, params: dict, cfg: MoEConfig):
+def moe_forward(x, params: dict, cfg: MoEConfig, *, expert_batching: str = "auto"):
     """Forward pass of the layer.  x: [N, D] -> (y [N, D], MoECache).
+
+    expert_batching  how the routed experts run: "loop" (one SwiGLU per expert), "padded" (one batched
+                     SwiGLU over an [E, C, D] layout), or "auto" (padded on CuPy when cheap; see
+                     :func:`dispatch`). The results agree to rounding; the backward follows the forward's choice.
 
     Raises ValueError / TypeError for bad shapes, dtypes, non-finite x or a NumPy/CuPy mix.
     """
     if not isinstance(cfg, MoEConfig):
         raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+    if expert_batching not in EXPERT_BATCHING:
+        raise ValueError(f"expert_batching={expert_batching!r} is not a mode; expected one of {EXPERT_BATCHING}")
     _check_params(params, cfg)
     xp = _check_input(x, params, cfg)
     N, D, K, E = x.shape[0], cfg.d_model, cfg.top_k, cfg.n_experts
@@ -163,20 +247,8 @@ def moe_forward(x, params: dict, cfg: MoEConfig):
     else:
         gates, renorm_cache = sel, None
 
-    plan = dispatch(topk_idx, E)
-    x_sorted = x[plan.token]                                         # [N*K, D]
-    out_sorted = xp.empty_like(x_sorted)                             # [N*K, D]
-    expert_caches = []
-    for e in range(E):
-        lo, hi = plan.offsets[e], plan.offsets[e + 1]
-        if lo == hi:
-            expert_caches.append(None)
-            continue
-        out_sorted[lo:hi], c = ops.swiglu_forward(
-            x_sorted[lo:hi], params["w_gate"][e], params["w_up"][e], params["w_down"][e])
-        expert_caches.append(c)
-    expert_flat = xp.empty_like(out_sorted)                          # [N*K, D]
-    expert_flat[plan.order] = out_sorted                             # a permutation: no duplicates
+    plan = dispatch(topk_idx, E, expert_batching)
+    expert_flat, expert_caches = _experts_forward(x, params, plan, N, K, E)   # [N*K, D]
     expert_out = expert_flat.reshape(N, K, D)                        # [N, K, D]
 
     y = xp.einsum("nk,nkd->nd", gates, expert_out)                   # [N, D]
@@ -187,7 +259,7 @@ def moe_forward(x, params: dict, cfg: MoEConfig):
         y = y + shared_out
 
     cache = MoECache(logits, scores, topk_idx, gates, expert_out, shared_out, x, cfg, params, plan,
-                     tuple(expert_caches), shared_cache, gather_cache, renorm_cache)
+                     expert_caches, shared_cache, gather_cache, renorm_cache)
     return y, cache
 
 
@@ -232,20 +304,8 @@ def moe_backward(dy, cache: MoECache, d_scores=None, d_expert_out=None) -> dict:
         d_eo = d_eo + d_expert_out
 
     # routed experts, in the dispatch order
-    plan = c.dispatch
-    d_out_sorted = d_eo.reshape(N * K, D)[plan.order]                    # [N*K, D]
-    dx_sorted = xp.zeros_like(d_out_sorted)                              # [N*K, D]
-    dw_gate = xp.zeros_like(c.params["w_gate"])
-    dw_up = xp.zeros_like(c.params["w_up"])
-    dw_down = xp.zeros_like(c.params["w_down"])
-    for e in range(E):
-        lo, hi = plan.offsets[e], plan.offsets[e + 1]
-        if lo == hi:
-            continue
-        dx_sorted[lo:hi], dw_gate[e], dw_up[e], dw_down[e] = ops.swiglu_backward(
-            d_out_sorted[lo:hi], c.expert_caches[e])
-    dx_flat = xp.empty_like(dx_sorted)
-    dx_flat[plan.order] = dx_sorted
+    dx_flat, dw_gate, dw_up, dw_down = _experts_backward(
+        d_eo.reshape(N * K, D), c.params, c.dispatch, c.expert_caches, E)     # dx_flat [N*K, D]
     dx_experts = dx_flat.reshape(N, K, D).sum(axis=1)                   # [N, D] sum over a token's slots
     grads.update(w_gate=dw_gate, w_up=dw_up, w_down=dw_down)
 

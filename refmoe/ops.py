@@ -148,38 +148,64 @@ class SwigluCache(NamedTuple):
 
 
 def _sigmoid(xp, a):
+    """Plain sigma(a) = 1 / (1 + e^{-a}) in two branches (the reading reference for :func:`sigmoid`)."""
     # Numerics: exp of -|a| never overflows; both branches agree where they meet.
     e = xp.exp(-xp.abs(a))
     return xp.where(a >= 0, 1 / (1 + e), e / (1 + e))
 
 
+def sigmoid(a):
+    """sigma(a) in one pass: SciPy's / CuPy's ``expit`` ufunc (same numerics as :func:`_sigmoid`, fewer temporaries)."""
+    xp = array_namespace(a)
+    if xp.__name__ == "numpy":
+        from scipy.special import expit
+    else:
+        from cupyx.scipy.special import expit
+    return expit(a)
+
+
+def _mT(a):
+    """Matrix transpose of the last two axes (a plain ``.T`` for 2-D; batched for [E, C, .] stacks)."""
+    return a.swapaxes(-1, -2)
+
+
 def swiglu_forward(x, w_gate, w_up, w_down):
     r"""SwiGLU expert.  x: [M, D], w_gate, w_up: [D, H], w_down: [H, D] -> out: [M, D].
+
+    A leading batch axis is allowed on every argument (x: [E, C, D] with weights [E, D, H], [E, H, D]):
+    the matmuls then run batched, one matrix product per expert.
 
     .. math:: a = x W_g,\; b = x W_u,\; h = \mathrm{silu}(a) \odot b,\; out = h W_d,\quad
               \mathrm{silu}(a) = a\,\sigma(a)
     """
-    xp = array_namespace(x, w_gate, w_up, w_down)
-    a = x @ w_gate
-    b = x @ w_up
-    sig = _sigmoid(xp, a)
-    h = a * sig * b
-    out = h @ w_down
+    array_namespace(x, w_gate, w_up, w_down)
+    a = x @ w_gate                      # [M, H]
+    b = x @ w_up                        # [M, H]
+    sig = sigmoid(a)                    # [M, H]
+    h = a * sig                         # [M, H] silu(a)
+    h *= b                              # [M, H] silu(a) * b, in place on a fresh array
+    out = h @ w_down                    # [M, D]
     return out, SwigluCache(x, a, b, sig, h, w_gate, w_up, w_down)
 
 
 def swiglu_backward(dout, cache: SwigluCache):
-    r"""Returns (dx [M, D], dw_gate [D, H], dw_up [D, H], dw_down [H, D]).
+    r"""Returns (dx [M, D], dw_gate [D, H], dw_up [D, H], dw_down [H, D]) (batched like the forward).
 
     .. math:: dh = dout\,W_d^T,\; db = dh \odot \mathrm{silu}(a),\;
-              da = dh \odot b \odot \sigma(a)(1 + a(1 - \sigma(a)))
+              da = dh \odot b \odot \sigma(a)(1 + a(1 - \sigma(a))) = dh \odot b \odot (\sigma + \mathrm{silu}(a)(1 - \sigma))
     """
     c = cache
-    dw_down = c.h.T @ dout
-    dh = dout @ c.w_down.T
-    db = dh * (c.a * c.sig)
-    da = dh * c.b * (c.sig * (1 + c.a * (1 - c.sig)))
-    dw_gate = c.x.T @ da
-    dw_up = c.x.T @ db
-    dx = da @ c.w_gate.T + db @ c.w_up.T
+    dw_down = _mT(c.h) @ dout                         # [H, D]
+    dh = dout @ _mT(c.w_down)                         # [M, H]
+    silu = c.a * c.sig                                # [M, H]
+    db = dh * silu                                    # [M, H]
+    dsilu = 1 - c.sig                                 # [M, H] built in place: sig + silu (1 - sig)
+    dsilu *= silu
+    dsilu += c.sig
+    da = dh * c.b                                     # [M, H]
+    da *= dsilu
+    dw_gate = _mT(c.x) @ da                           # [D, H]
+    dw_up = _mT(c.x) @ db                             # [D, H]
+    dx = da @ _mT(c.w_gate)                           # [M, D]
+    dx += db @ _mT(c.w_up)
     return dx, dw_gate, dw_up, dw_down

@@ -1,0 +1,172 @@
+r"""Proposed fast forms of refmoe.losses.ortho (same function, same eps semantics, far less work).
+
+Dimension letters: N tokens, K slots, D model width.
+
+Both L_o forms depend on the expert outputs only through the per-token Gram matrix G = A A^T [N, K, K]:
+
+* ``pairwise`` already is a formula in G. The fast form keeps G from the forward (the backward does not
+  form it again).
+* ``span`` (the released Gram-Schmidt) uses only inner products of the K slot vectors, so it gives the same
+  value on ANY K vectors with the same Gram matrix. The rows of the Cholesky factor L (G = L L^T) are such
+  vectors, of length K instead of D: the released Gram-Schmidt (``ortho_span.span_per_token`` /
+  ``span_backward``, unchanged, eps included) runs on [N, K, K] instead of [N, K, D], D/K times less work
+  (341x at D = 2048, K = 6), and the K runs (one per slot) are batched into one run over N*K groups, so
+  the number of array operations no longer grows with K (what bounds it on a GPU). The gradient comes back through the Cholesky factorisation,
+
+  .. math:: \bar G = L^{-T}\,\Phi\,L^{-1},\quad \Phi = \tfrac12(T + \mathrm{tril}(T, -1)^T),\quad
+            T = \mathrm{tril}(L^T \bar L),\qquad \bar A = 2 \bar G A
+
+  (the symmetric-input Cholesky adjoint, as in Murray 2016). The small [N, K, K] work runs in float64.
+
+Numerics: forming G squares the condition number of the K slot vectors; with nearly parallel outputs in
+float32 (cos ~ 0.999) expect ~1e-4 relative error instead of ~1e-6 from Gram-Schmidt on A. When the
+factorisation fails (dependent slots: G singular) the caller falls back to the Gram-Schmidt on A.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from refmoe.backend import array_namespace
+from refmoe.losses import ortho as ref
+from refmoe.losses.ortho_span import gram_schmidt_backward, gram_schmidt_forward, span_backward, span_per_token
+
+
+def gram(A):
+    """G = A A^T per token.  A: [N, K, D] -> [N, K, K]."""
+    return A @ A.swapaxes(1, 2)
+
+
+def _cholesky_rows(G64):
+    """L with G = L L^T (rows of L reproduce G), or None when G is not positive definite."""
+    xp = array_namespace(G64)
+    try:
+        L = xp.linalg.cholesky(G64)
+    except np.linalg.LinAlgError:
+        return None
+    # CuPy's batched potrf does not raise: check the factor (finite, positive diagonal, reproduces G)
+    if not bool(xp.isfinite(L).all()) or not bool((xp.diagonal(L, axis1=1, axis2=2) > 0).all()):
+        return None
+    resid = float(abs(L @ L.swapaxes(1, 2) - G64).max())
+    return L if resid <= 1e-10 * float(abs(G64).max()) else None
+
+
+def _others_onehot(K, xp, dtype):
+    """P [K, K-1, K]: P[a, j, b] = 1 where b is the j-th slot other than a (slot order kept)."""
+    P = np.zeros((K, K - 1, K))
+    for a in range(K):
+        for j, b in enumerate(c for c in range(K) if c != a):
+            P[a, j, b] = 1.0
+    return xp.asarray(P.astype(dtype))
+
+
+def span_rows(Y, eps):
+    """``span_per_token`` with the K Gram-Schmidt runs (one per slot a) batched into one run over N*K groups.
+
+    Y: [N, K, R] slot vectors -> (per_token [N], tape). Same arithmetic as ``ortho_span.span_per_token``.
+    """
+    xp = array_namespace(Y)
+    N, K, R = Y.shape
+    P = _others_onehot(K, xp, Y.dtype)                                   # [K, K-1, K]
+    O = xp.einsum("ajb,nbr->najr", P, Y).reshape(N * K, K - 1, R)        # [N*K, K-1, R] others of each slot
+    x_a = Y.reshape(N * K, R)                                            # [N*K, R] the slot itself
+    us, tape = gram_schmidt_forward([O[:, j] for j in range(K - 1)], eps)
+    total = xp.zeros(N * K, dtype=Y.dtype)
+    for u in us:
+        p = (u * x_a).sum(axis=-1)                                       # [N*K] <u_l, x_a>
+        total = total + p * p * (u * u).sum(axis=-1)
+    return total.reshape(N, K).sum(axis=1), (P, O, x_a, us, tape)
+
+
+def span_rows_backward(g, Y, tape_all):
+    """Gradient of sum_i g_i * span_rows(Y)_i.  g: [N] -> dY [N, K, R]."""
+    xp = array_namespace(Y)
+    N, K, R = Y.shape
+    P, O, x_a, us, tape = tape_all
+    gk = xp.repeat(g, K)[:, None]                                        # [N*K, 1]
+    dx_a = xp.zeros_like(x_a)
+    dus = []
+    for u in us:
+        p, s = (u * x_a).sum(axis=-1, keepdims=True), (u * u).sum(axis=-1, keepdims=True)
+        dp, ds = 2.0 * p * s * gk, p * p * gk
+        dx_a += dp * u
+        dus.append(dp * x_a + 2.0 * ds * u)
+    dO = xp.stack(gram_schmidt_backward(dus, us, tape), axis=1)          # [N*K, K-1, R]
+    dY = dx_a.reshape(N, K, R) + xp.einsum("ajb,najr->nbr", P, dO.reshape(N, K, K - 1, R))
+    return dY
+
+
+def span_per_token_fast(A, eps):
+    """Same as ``ortho_span.span_per_token(A, eps)``; returns (per_token [N], L or None)."""
+    xp = array_namespace(A)
+    L = _cholesky_rows(gram(A).astype(xp.float64)) if A.shape[1] > 1 else None   # K = 1: no other slot
+    if L is None:
+        return span_per_token(A, eps), None
+    per_token, tape = span_rows(L, eps)
+    return per_token.astype(A.dtype), (L, tape)
+
+
+def span_backward_fast(g, A, L, eps):
+    """Same as ``ortho_span.span_backward(g, A, eps)`` given the factor L of :func:`span_per_token_fast`."""
+    xp = array_namespace(A)
+    if L is None:
+        return span_backward(g, A, eps)
+    L, tape = L
+    dL = span_rows_backward(g.astype(xp.float64), L, tape)              # [N, K, K] on the rows of L
+    T = xp.tril(L.swapaxes(1, 2) @ dL)
+    phi = 0.5 * (T + xp.tril(T, -1).swapaxes(1, 2))
+    Linv = xp.linalg.inv(L)                                              # [N, K, K] small, batched
+    dG = Linv.swapaxes(1, 2) @ phi @ Linv                                # [N, K, K] symmetric
+    return 2.0 * xp.einsum("njk,nkd->njd", dG.astype(A.dtype), A)       # [N, K, D]
+
+
+def ortho_loss_forward(expert_out, variant="pairwise", *, eps=None, topk_idx=None, valid_mask=None):
+    """``refmoe.losses.ortho.ortho_loss_forward`` with the fast inner parts (same arguments, same checks)."""
+    if variant not in ref.ORTHO_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not an L_o form; expected one of {ref.ORTHO_VARIANTS}")
+    if variant == "span_code_grouping" and topk_idx is None:
+        raise ValueError("variant='span_code_grouping' needs topk_idx (the layer's MoECache.topk_idx)")
+    xp = ref._check_expert_out(expert_out)
+    N, K, _ = expert_out.shape
+    eps = ref.DEFAULT_EPS[variant] if eps is None else float(eps)
+    mask = ref.check_mask(valid_mask, N, xp)
+    valid = xp.ones(N, dtype=expert_out.dtype) if mask is None else mask.astype(expert_out.dtype)
+    if variant == "pairwise":
+        G = gram(expert_out)
+        d = xp.diagonal(G, axis1=1, axis2=2)                                 # [N, K]
+        den = d + eps
+        den = xp.where(den > 0, den, 1.0)
+        w = d / (den * den)
+        off = 1.0 - xp.eye(K, dtype=expert_out.dtype)
+        loss = (valid * ((G * G * off) * w[:, None, :]).sum(axis=(1, 2))).sum()
+        return loss, (variant, eps, expert_out, valid, (G, d, den, w, off), None, expert_out.shape)
+    order = None
+    A = expert_out
+    if variant == "span":
+        weights = valid / (K * valid.sum())
+    else:
+        order = ref.code_grouping_order(topk_idx, mask)
+        A = ref._grouped(expert_out, order)
+        weights = xp.full(A.shape[0], 1.0 / (K * A.shape[0]), dtype=expert_out.dtype)
+    per_token, L = span_per_token_fast(A, eps)
+    return (weights * per_token).sum(), (variant, eps, A, weights, L, order, expert_out.shape)
+
+
+def ortho_loss_backward(dloss, cache):
+    variant, eps, A, weights, parts, order, (N, K, D) = cache
+    K = A.shape[1]
+    xp = array_namespace(A)
+    g = weights * dloss
+    if variant == "pairwise":
+        G, d, den, w, off = parts
+        M = G * w[:, None, :] * off                                          # [N, K, K]
+        q = (G * G * off).sum(axis=1)                                        # [N, K]
+        dw = (eps - d) / (den * den * den)
+        # dA = 2 (M + M^T + diag(q w')) A, scaled per token by g: one pass over A
+        C = M + M.swapaxes(1, 2) + xp.eye(K, dtype=A.dtype) * (q * dw)[:, :, None]
+        return xp.einsum("njk,nkd->njd", (2.0 * g)[:, None, None] * C, A)
+    dA = span_backward_fast(g, A, parts, eps)
+    if order is None:
+        return dA
+    d_flat = xp.zeros((N * K, D), dtype=A.dtype)
+    d_flat[order] = dA.reshape(-1, D)
+    return d_flat.reshape(N, K, D)
