@@ -210,15 +210,7 @@ def test_padding_modes(xp):
         objective_forward_backward(x, params, CFG, dy, code, valid_mask=on(xp, PADDED.astype(np.int64)))
 
 
-FLOAT32_CASES = [
-    "paper",
-    pytest.param("authors_code", marks=pytest.mark.xfail(
-        strict=True, reason="aux_loss_forward('deepseek_seq') promotes float32 to float64 (an int64 count in "
-                            "refmoe/losses/aux.py::_w_deepseek_seq); remove this mark when that is fixed")),
-]
-
-
-@pytest.mark.parametrize("case", FLOAT32_CASES)
+@pytest.mark.parametrize("case", ["paper", "authors_code"])
 def test_float32_stays_float32(xp, case):
     x, params, dy = _problem(xp, dtype=np.float32)
     obj = get_objective(case)
