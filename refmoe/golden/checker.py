@@ -22,10 +22,11 @@ class TensorResult(NamedTuple):
     case: str
     key: str
     max_abs: float
-    max_rel: float
+    max_rel: float            # max_abs / max|want| (nan when the reference is all zeros)
     ok: bool
     note: str                 # "" or why it failed before comparing (missing, shape, NaN ...)
     mismatches: tuple         # up to ``n_show`` (index, got, want) of the worst entries, when failed
+    used: float = float("inf")  # max_abs / (atol + rtol * max|want|): the share of the tolerance used
 
 
 class CheckReport(NamedTuple):
@@ -51,9 +52,9 @@ class CheckReport(NamedTuple):
             tol = self.tolerances[case]
             bad = [r for r in rows if not r.ok]
             if not bad and not verbose:
-                worst = max(rows, key=lambda r: r.max_rel)
-                lines.append(f"case {case}: {len(rows)} tensors ok (worst max rel {worst.max_rel:.1e} "
-                             f"in {worst.key})")
+                worst = max(rows, key=lambda r: r.used)
+                lines.append(f"case {case}: {len(rows)} tensors ok (closest: {worst.key} at "
+                             f"{100 * worst.used:.2g}% of its tolerance)")
                 continue
             status = "ok" if not bad else f"FAIL ({len(bad)} of {len(rows)} tensors)"
             lines.append(f"case {case}: {status}   rtol {tol['rtol']:g}, atol {tol['atol']:g}")
@@ -100,7 +101,8 @@ def compare_tensor(case, key, got, want, rtol, atol, n_show=5) -> TensorResult:
         n_bad = int(diff.sum())
         mism = tuple((tuple(int(i) for i in ix), _py(got[ix]), _py(want[ix])) for ix in zip(*np.nonzero(diff)))
         note = f"{n_bad} of {want.size} entries differ" if n_bad else ""
-        return TensorResult(case, key, float(n_bad > 0), float(n_bad > 0), n_bad == 0, note, mism[:n_show])
+        return TensorResult(case, key, float(n_bad > 0), float(n_bad > 0), n_bad == 0, note, mism[:n_show],
+                            np.inf if n_bad else 0.0)
     g = got.astype(np.float64)
     w = want.astype(np.float64)
     if not np.isfinite(g).all():
@@ -110,15 +112,16 @@ def compare_tensor(case, key, got, want, rtol, atol, n_show=5) -> TensorResult:
     err = np.abs(g - w)
     scale = float(np.abs(w).max()) if w.size else 0.0
     max_abs = float(err.max()) if err.size else 0.0
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
+    max_rel = max_abs / scale if scale > 0 else float("nan")
     bound = atol + rtol * scale
     ok = max_abs <= bound
+    used = max_abs / bound if bound > 0 else (0.0 if max_abs == 0 else np.inf)
     mism = ()
     if not ok:
         flat = np.argsort(-err, axis=None, kind="stable")[:n_show]
         idx = [np.unravel_index(int(f), err.shape) for f in flat]
         mism = tuple((tuple(int(i) for i in ix), float(g[ix]), float(w[ix])) for ix in idx if err[ix] > bound)
-    return TensorResult(case, key, max_abs, max_rel, ok, "", mism)
+    return TensorResult(case, key, max_abs, max_rel, ok, "", mism, used)
 
 
 def compare_case(name: str, golden: dict, dump: dict, tolerance: dict, *, n_show: int = 5) -> list:
