@@ -14,15 +14,16 @@ def _have(module: str) -> bool:
 
 def default_cases() -> list:
     """The cases ``refmoe golden write`` produces by default (a few seconds in all on one CPU core)."""
-    regularisers = _have("refmoe.losses.ortho") and _have("refmoe.losses.variance")
-    base = BASE if regularisers else BASE.replace(ortho=None, var=None)
+    have_ortho, have_var = _have("refmoe.losses.ortho"), _have("refmoe.losses.variance")
+    base = BASE.replace(ortho=BASE.ortho if have_ortho else None, var=BASE.var if have_var else None)
     cases = [base]
     for form in AUX_FORMS:
         if form != base.aux:
             cases.append(base.replace(name=f"aux_{form}", aux=form, description=f"L_aux form {form}"))
-    if regularisers:
+    if have_ortho:
         for form in ("span", "span_code_grouping"):
             cases.append(base.replace(name=f"ortho_{form}", ortho=form, description=f"L_o form {form}"))
+    if have_var:
         for form in ("code", "row_topk"):
             cases.append(base.replace(name=f"var_{form}", var=form, description=f"L_v form {form}"))
     cases += [
