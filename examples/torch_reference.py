@@ -178,8 +178,60 @@ def var_loss(P, idx, form, v):
 # one case
 # ----------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------
+# multi-layer balancing-loss conventions (cases of kind "aux_layers": router logits of L layers)
+# ----------------------------------------------------------------------------------------------
+
+LAYER_FORMS = ("hf_mixtral", "megatron_micro_batch", "megatron_seq", "megatron_global")
+
+
+def layers_aux_loss(scores, idx, form, v, batch_shape, micro_batch, double_softmax=False):
+    """scores [L, N, E], idx [L, N, K], v [N] -> (loss, per-micro-batch pieces or None)."""
+    L, N, E = scores.shape
+    if double_softmax:
+        scores = torch.softmax(scores, dim=-1)
+    if form == "hf_mixtral":                       # concatenate the layers along tokens, then one switch loss
+        return aux_loss(scores.reshape(L * N, E), idx.reshape(L * N, -1), "switch", v.repeat(L), None), None
+    if form in ("megatron_micro_batch", "megatron_seq"):
+        inner = "deepseek_batch" if form == "megatron_micro_batch" else "megatron_seq"
+        return sum(aux_loss(scores[l], idx[l], inner, v, batch_shape) for l in range(L)), None
+    # global batch: counts and token count over all micro-batches, scores summed per micro-batch
+    K = idx.shape[2]
+    routed = torch.zeros_like(scores).scatter(2, idx, 1.0)                  # [L, N, E]
+    c = (v[None, :, None] * routed).sum(1)                                  # [L, E] global counts
+    n = v.sum()
+    pieces = []
+    for m in range(int(micro_batch.max()) + 1):
+        rows = micro_batch == m
+        psum = (v[rows][None, :, None] * scores[:, rows]).sum(1)            # [L, E]
+        pieces.append((E * c / (K * n * n) * psum).sum())
+    return sum(pieces), torch.stack(pieces)
+
+
+def run_layers_case(arrays: dict, entry: dict, broken: str | None = None) -> dict:
+    dtype = {"float64": torch.float64, "float32": torch.float32}[entry["dtype"]]
+    logits = torch.tensor(arrays["input/logits"], dtype=dtype, requires_grad=True)
+    valid = torch.tensor(arrays["input/valid_mask"])
+    v = torch.ones(valid.shape, dtype=dtype) if broken == "count_padding" else valid.to(dtype)
+    scores = torch.softmax(logits, dim=-1)                                  # [L, N, E]
+    K = entry["config"]["top_k"]
+    idx = torch.sort(scores.detach(), dim=-1, descending=True, stable=True).indices[:, :, :K]
+    mb = torch.tensor(arrays["input/micro_batch"]) if "input/micro_batch" in arrays else None
+    loss, pieces = layers_aux_loss(scores, idx, entry["variants"]["aux"], v, entry["batch_shape"], mb,
+                                   double_softmax=broken == "double_softmax")
+    (grad,) = torch.autograd.grad(loss, [logits])
+    out = {k: arrays[k] for k in arrays if k.startswith("input/")}
+    out.update({"inter/scores": scores.detach().numpy(), "inter/topk_idx": idx.numpy().astype(np.int64),
+                "loss/aux": loss.detach().numpy(), "grad/aux/logits": grad.numpy()})
+    if pieces is not None:
+        out["loss/aux_pieces"] = pieces.detach().numpy()
+    return out
+
+
 def supports(entry) -> bool:
     var = entry["variants"]
+    if entry.get("kind", "layer") == "aux_layers":
+        return var["aux"] in LAYER_FORMS
     return var["aux"] in AUX_FORMS and var["ortho"] in ORTHO_FORMS and var["var"] in VAR_FORMS
 
 
@@ -235,7 +287,8 @@ def run(golden_dir, dump_dir, cases=None, broken: str | None = None) -> list:
             continue
         with np.load(os.path.join(golden_dir, entry["file"]), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        np.savez(os.path.join(dump_dir, entry["file"]), **run_case(arrays, entry, broken))
+        compute = run_layers_case if entry.get("kind", "layer") == "aux_layers" else run_case
+        np.savez(os.path.join(dump_dir, entry["file"]), **compute(arrays, entry, broken))
         done.append(name)
     return done
 

@@ -65,6 +65,10 @@ def test_manifest_fields_and_checksums(golden):
     for name, e in m["cases"].items():
         data = open(os.path.join(golden, e["file"]), "rb").read()
         assert hashlib.sha256(data).hexdigest() == e["sha256"]
+        if e["kind"] == "aux_layers":
+            assert set(e["config"]) == {"n_experts", "top_k", "n_layers"} and e["terms"] == ["aux"]
+            assert e["keys"]["grad/aux/logits"]["shape"] == e["keys"]["input/logits"]["shape"]
+            continue
         assert set(e["config"]) == {"d_model", "d_hidden", "n_experts", "top_k", "n_shared", "norm_topk_prob"}
         assert set(e["coefficients"]) == {"alpha", "beta", "gamma"} and e["variants"]["aux"]
         assert e["keys"]["input/x"]["dtype"] == e["dtype"] and e["keys"]["inter/topk_idx"]["dtype"] == "int64"
@@ -91,6 +95,8 @@ def test_files_load_without_pickle(golden):
 def test_intermediates_and_totals_are_consistent(golden):
     m = load_manifest(golden)
     for name, e in m["cases"].items():
+        if e["kind"] != "layer":
+            continue
         a = load_case(golden, name, m)
         tol = 1e-12 if e["dtype"] == "float64" else 1e-5
         np.testing.assert_allclose(a["inter/logits"], a["input/x"] @ a["param/w_router"].T, rtol=tol, atol=tol)
@@ -138,6 +144,36 @@ def test_total_gradient_by_central_differences(rng):
         guard = lambda inp: refmoe.moe_forward(inp["x"], {k: inp[k] for k in params}, spec.config())[1].topk_idx
         err = directional_check(f, inputs, grads, rng, guard=guard)
         assert err < 1e-7, (spec.name, err)                      # measured ~1e-10; pass mark 1e-7
+
+
+def test_convention_cases(golden):
+    """Multi-layer conventions: the stored gradient w.r.t. the logits by central differences, the
+    global-batch pieces, and the HF concatenation."""
+    from refmoe import ops
+    from refmoe.gradcheck import check_vjp
+    from refmoe.losses import aux_conventions as conv
+
+    m = load_manifest(golden)
+    for name in ("conv_hf_mixtral", "conv_megatron_seq", "conv_megatron_global"):
+        e = m["cases"][name]
+        a = load_case(golden, name, m)
+        idx, mask = a["inter/topk_idx"], a["input/valid_mask"]
+        mask = None if mask.all() else mask
+
+        def loss(inp):
+            layers = [(ops.softmax_forward(z)[0], i) for z, i in zip(inp["logits"], idx)]
+            if e["variants"]["aux"] == "hf_mixtral":
+                return conv.hf_mixtral_forward(layers, valid_mask=mask)[0]
+            if e["variants"]["aux"] == "megatron_seq":
+                return conv.megatron_forward(layers, "seq", valid_mask=mask, batch_shape=e["batch_shape"])[0]
+            return conv.megatron_forward(layers, "global", valid_mask=mask)[0]
+
+        assert float(loss({"logits": a["input/logits"]})) == pytest.approx(float(a["loss/aux"]), rel=1e-13)
+        errs = check_vjp(loss, {"logits": a["input/logits"]}, {"logits": a["grad/aux/logits"]})
+        assert errs["logits"] < 1e-7, (name, errs)               # measured ~1e-9; pass mark 1e-7
+    a = load_case(golden, "conv_megatron_global", m)
+    assert a["loss/aux_pieces"].shape == (2,)
+    assert a["loss/aux_pieces"].sum() == pytest.approx(float(a["loss/aux"]), rel=1e-14)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ class CaseSpec:
     preset: str | None = None
     ties: bool = False                   # exact ties in the scores, resolved by the tie rule
     seed: int = 0
+    kind: str = "layer"                  # "layer", or "aux_layers": a multi-layer balancing-loss convention
+    n_layers: int = 1                    # aux_layers: L router outputs
+    micro_batches: tuple = ()            # aux_layers, megatron_global: sizes of the micro-batches
 
     @property
     def n_tokens(self) -> int:
@@ -153,6 +156,12 @@ def _var(cache, spec, mask):
 
 def compute_case(spec: CaseSpec, backend: str = "numpy") -> dict:
     """All arrays of a case (host NumPy, the case's dtype), keyed as in ``refmoe.golden.format``."""
+    if spec.kind == "aux_layers":
+        from .conventions import compute_convention_case
+
+        return compute_convention_case(spec, backend)
+    if spec.kind != "layer":
+        raise ValueError(f"case {spec.name!r}: kind={spec.kind!r}; expected 'layer' or 'aux_layers'")
     if spec.aux not in AUX_FORMS:
         raise ValueError(f"case {spec.name!r}: aux={spec.aux!r}; expected one of {AUX_FORMS}")
     dtype = np.dtype(spec.dtype)

@@ -40,6 +40,19 @@ def default_cases() -> list:
         base.replace(name="float32_ties", dtype="float32", ties=True, seed=7, n_shared=1,
                      description="ties and a shared expert in float32"),
     ]
+    layers = CaseSpec(name="conv", kind="aux_layers", n_layers=3, ortho=None, var=None)
+    cases += [
+        layers.replace(name="conv_hf_mixtral", aux="hf_mixtral", padding=(2, 7),
+                       description="HF Mixtral family: 3 layers' logits concatenated along tokens, "
+                                   "2-D attention mask as valid_mask"),
+        layers.replace(name="conv_megatron_micro_batch", aux="megatron_micro_batch", n_layers=2,
+                       description="Megatron-Core micro-batch scope, per layer, summed over 2 layers"),
+        layers.replace(name="conv_megatron_seq", aux="megatron_seq", n_layers=2, padding=(7,),
+                       description="Megatron-Core seq_aux_loss: tokens t*B + b, (B, T) = (2, 4), 2 layers"),
+        layers.replace(name="conv_megatron_global", aux="megatron_global", n_layers=2, micro_batches=(3, 5),
+                       description="Megatron-Core global-batch scope: micro-batches of 3 and 5 tokens, "
+                                   "counts over both; loss/aux_pieces holds each micro-batch's share"),
+    ]
     return cases
 
 

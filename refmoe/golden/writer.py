@@ -15,25 +15,30 @@ from .grid import select
 def case_entry(spec: CaseSpec, arrays: dict, digest: str) -> dict:
     """The manifest entry of one case (everything an implementer needs besides the arrays)."""
     spec_dict = dataclasses.asdict(spec)
+    config_fields = ("d_model", "d_hidden", "n_experts", "top_k", "n_shared", "norm_topk_prob")
+    if spec.kind == "aux_layers":
+        config_fields = ("n_experts", "top_k", "n_layers")
     return {
+        "kind": spec.kind,
+        "micro_batches": list(spec.micro_batches),
         "file": f"{spec.name}.npz",
         "sha256": digest,
         "description": spec.description,
         "dtype": spec.dtype,
         "tolerance": dict(fmt.TOLERANCES[spec.dtype]),
-        "config": {k: spec_dict[k] for k in ("d_model", "d_hidden", "n_experts", "top_k", "n_shared",
-                                             "norm_topk_prob")},
+        "config": {k: spec_dict[k] for k in config_fields},
         "n_tokens": spec.n_tokens,
         "batch_shape": list(spec.batch_shape),
         "padding_tokens": list(spec.padding),
         "regularisers_see_padding": bool(spec.padding) and not spec.mask_in_losses,
         "variants": {"aux": spec.aux, "ortho": spec.ortho, "var": spec.var},
-        "coefficients": {"alpha": spec.alpha, "beta": spec.beta, "gamma": spec.gamma},
+        "coefficients": (None if spec.kind == "aux_layers"
+                         else {"alpha": spec.alpha, "beta": spec.beta, "gamma": spec.gamma}),
         "ortho_eps": spec.ortho_eps,
         "preset": spec.preset,
         "ties": spec.ties,
         "seed": spec.seed,
-        "terms": sorted(k.split("/")[1] for k in arrays if k.startswith("loss/")),
+        "terms": sorted({k.split("/")[1] for k in arrays if k.startswith("grad/")}),
         "keys": fmt.key_specs(arrays),
     }
 
