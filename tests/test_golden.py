@@ -310,3 +310,40 @@ def test_cupy_fixtures_match_numpy_within_tolerance(backend, golden, tmp_path):
     write_golden(str(d), backend="cupy")
     report = check_dump(golden, str(d))
     assert report.ok, report.format()
+
+
+def test_layer_cases_agree_with_the_objective(golden):
+    """Every layer case whose forms the Objective knows: values and gradients of objective_forward_backward
+    (per-term gradients come weighted from it) equal the fixture's."""
+    objective = pytest.importorskip("refmoe.objective")
+    m = load_manifest(golden)
+    checked = 0
+    for name, e in m["cases"].items():
+        v = e["variants"]
+        if e["kind"] != "layer" or v["aux"] not in refmoe.AUX_VARIANTS or None in v.values():
+            continue
+        a = load_case(golden, name, m)
+        c = e["config"]
+        cfg = refmoe.MoEConfig(c["d_model"], c["d_hidden"], c["n_experts"], c["top_k"], c["n_shared"],
+                               c["norm_topk_prob"])
+        k = e["coefficients"]
+        obj = objective.Objective(
+            aux_variant=v["aux"], ortho_variant="span" if v["ortho"] == "span_code_grouping" else v["ortho"],
+            ortho_released_grouping=v["ortho"] == "span_code_grouping", var_variant=v["var"],
+            alpha=k["alpha"], beta=k["beta"], gamma=k["gamma"], ortho_eps=e["ortho_eps"],
+            padding="include" if e["regularisers_see_padding"] else "exclude")
+        params = {p[len("param/"):]: a[p] for p in a if p.startswith("param/")}
+        mask = a["input/valid_mask"] if e["padding_tokens"] else None
+        res = objective.objective_forward_backward(a["input/x"], params, cfg, a["input/dy"], obj,
+                                                   task_loss=a["loss/task"], valid_mask=mask,
+                                                   batch_shape=e["batch_shape"])
+        tol = 1e-12 if e["dtype"] == "float64" else 1e-5
+        for term in ("aux", "ortho", "var", "total"):
+            assert float(res.losses[term]) == pytest.approx(float(a[f"loss/{term}"]), rel=tol, abs=tol), (name, term)
+        weight = {"task": 1.0, "aux": k["alpha"], "ortho": k["beta"], "var": k["gamma"], "total": 1.0}
+        for term, w in weight.items():
+            for p, g in res.grads[term].items():
+                want = w * a[f"grad/{term}/{p}"].astype(np.float64)
+                assert np.abs(g - want).max() <= tol * (np.abs(want).max() + 1e-30) + 1e-15, (name, term, p)
+        checked += 1
+    assert checked >= 10

@@ -121,6 +121,31 @@ def make_inputs(spec: CaseSpec):
     return x, params, dy, valid
 
 
+def resolve_preset(spec: CaseSpec) -> CaseSpec:
+    """A preset case with the preset's forms, padding rule and coefficients filled in.
+
+    ``authors_code`` leaves beta and gamma to the released power-of-ten calibration: they are set by
+    ``refmoe.autoscale_weights`` on the case's own batch (padding included, as the released code does).
+    Other cases are returned unchanged.
+    """
+    if spec.preset is None:
+        return spec
+    from ..autoscale import autoscale_weights
+    from ..objective import PRESETS
+
+    if spec.preset not in PRESETS:
+        raise ValueError(f"case {spec.name!r}: preset={spec.preset!r}; expected one of {sorted(PRESETS)}")
+    obj = PRESETS[spec.preset]
+    if not obj.is_calibrated:
+        x, params, _, _ = make_inputs(spec)
+        dtype = np.dtype(spec.dtype)
+        obj = autoscale_weights(x.astype(dtype), {k: v.astype(dtype) for k, v in params.items()},
+                                spec.config(), obj).objective
+    return spec.replace(aux=obj.aux_variant, ortho=obj.ortho_loss_variant, var=obj.var_variant,
+                        alpha=float(obj.alpha), beta=float(obj.beta), gamma=float(obj.gamma),
+                        ortho_eps=obj.ortho_eps, mask_in_losses=obj.padding == "exclude")
+
+
 def _softmax(z):
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
@@ -160,6 +185,7 @@ def compute_case(spec: CaseSpec, backend: str = "numpy") -> dict:
         from .conventions import compute_convention_case
 
         return compute_convention_case(spec, backend)
+    spec = resolve_preset(spec)
     if spec.kind != "layer":
         raise ValueError(f"case {spec.name!r}: kind={spec.kind!r}; expected 'layer' or 'aux_layers'")
     if spec.aux not in AUX_FORMS:

@@ -26,6 +26,14 @@ def default_cases() -> list:
     if have_var:
         for form in ("code", "row_topk"):
             cases.append(base.replace(name=f"var_{form}", var=form, description=f"L_v form {form}"))
+    if have_ortho and have_var and _have("refmoe.objective"):
+        cases += [
+            base.replace(name="preset_paper", preset="paper", padding=(5, 7),
+                         description="preset 'paper': switch, pairwise, paper, 1e-3 each; padding excluded"),
+            base.replace(name="preset_authors_code", preset="authors_code", padding=(5, 7),
+                         description="preset 'authors_code': deepseek_seq, span, code; beta and gamma by the "
+                                     "released power-of-ten calibration on this batch; padding included"),
+        ]
     cases += [
         base.replace(name="shared", n_shared=2, description="two shared experts (fused, hidden 2H)"),
         base.replace(name="no_renorm", norm_topk_prob=False, description="gates = raw top-k scores"),

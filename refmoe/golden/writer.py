@@ -8,7 +8,7 @@ import numpy as np
 
 from ..backend import backend_name
 from . import format as fmt
-from .cases import CaseSpec, compute_case
+from .cases import CaseSpec, compute_case, resolve_preset
 from .grid import select
 
 
@@ -58,6 +58,7 @@ def write_golden(directory, cases=None, *, backend: str | None = "numpy") -> dic
         specs = list(cases)
     else:
         raise TypeError("cases must be None, a list of case names, or a list of CaseSpec")
+    specs = [resolve_preset(s) for s in specs]          # the manifest records the calibrated coefficients
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"case names repeat: {names}")
