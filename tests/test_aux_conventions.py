@@ -294,3 +294,37 @@ def test_float32_stays_float32_and_bad_input(rng):
         conv.hf_mixtral_forward([(s, idx), (s[:4], idx[:4])])
     with pytest.raises(ValueError, match="logits"):
         conv.gshard_first_choice_forward(np.log(s), idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# the same properties on random shapes
+# ----------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(E_=st.integers(2, 6), data=st.data())
+def test_properties_on_random_shapes(E_, data):
+    K_ = data.draw(st.integers(1, E_))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    # balanced value with non-uniform P, for every convention (cyclic rows, m full cycles)
+    m = data.draw(st.integers(1, 3))
+    s = cyclic_scores(m * E_, E_, rng)
+    idx = routed(s, K_)
+    assert float(conv.hf_mixtral_forward([(s, idx), (s, idx)])[0]) == pytest.approx(K_, rel=1e-12)
+    assert float(conv.megatron_forward([(s, idx)], "micro_batch")[0]) == pytest.approx(1.0, rel=1e-12)
+    assert float(conv.megatron_forward([(s, idx)], "global")[0]) == pytest.approx(1.0, rel=1e-12)
+    assert float(conv.gshard_first_choice_forward(s, idx)[0]) == pytest.approx(1.0, rel=1e-12)
+    # masked == truncated for random scores and a random mask
+    N = data.draw(st.integers(2, 9))
+    s, idx = random_layer(rng, N, E_, K_)
+    mask = rng.random(N) < 0.7
+    mask[rng.integers(N)] = True
+    for name in BATCH_FORMS:
+        lm, dm = single(name, s, idx, valid_mask=mask)
+        lt, dt = single(name, s[mask], idx[mask])
+        assert float(lm) == pytest.approx(float(lt), rel=1e-12), name
+        np.testing.assert_allclose(dm[mask], dt, rtol=1e-12, atol=1e-15)
+        assert np.all(dm[~mask] == 0)

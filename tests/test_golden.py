@@ -247,6 +247,10 @@ def test_round_trip_passes_and_cli_exit_codes(golden, tmp_path, capsys):
     d = tmp_path / "cli"
     assert main(["golden", "write", str(d), "--case", "k1"]) == 0
     assert sorted(os.listdir(d)) == ["k1.npz", "manifest.json"]
+    assert main(["golden", "write", str(d), "--case", "nope"]) == 2
+    assert "unknown case" in capsys.readouterr().err
+    assert main(["golden"]) == 2
+    assert main(["golden", "list"]) == 0 and "ties" in capsys.readouterr().out
 
 
 def test_a_small_error_fails_and_is_named(golden, tmp_path, capsys):
