@@ -225,10 +225,11 @@ def evaluate(spec: CaseSpec, x, params: dict, dy, valid) -> dict:
     for term in ("aux", "ortho", "var"):
         if term in terms:
             grads[term] = moe_backward(None, cache, **terms[term][1])
+    # total = task + alpha aux + beta ortho + gamma var: one backward with every gradient injected
     coef = {"aux": spec.alpha, "ortho": spec.beta, "var": spec.gamma}
     total = terms["task"][0]
-    d_scores_total = 0
-    d_eo_total = None
+    d_scores_total = 0                                                  # [N, E] after the aux term
+    d_eo_total = None                                                   # [N, K, D] with L_o
     for term in ("aux", "ortho", "var"):
         if term not in terms:
             continue
@@ -239,8 +240,7 @@ def evaluate(spec: CaseSpec, x, params: dict, dy, valid) -> dict:
             d_scores_total = d_scores_total + c * inj["d_scores"]
         else:
             d_eo_total = c * inj["d_expert_out"]
-    grads["total"] = moe_backward(dy, cache, d_scores=d_scores_total if terms.keys() & {"aux", "var"} else None,
-                                  d_expert_out=d_eo_total)
+    grads["total"] = moe_backward(dy, cache, d_scores=d_scores_total, d_expert_out=d_eo_total)
 
     out = {"input/x": x, "input/dy": dy, "input/valid_mask": valid}
     out.update({f"param/{k}": v for k, v in params.items()})
