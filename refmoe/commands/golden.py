@@ -1,0 +1,50 @@
+"""refmoe golden: write golden fixtures, or check another implementation's dump against them."""
+from __future__ import annotations
+
+import sys
+
+HELP = "write golden fixtures (refmoe golden write DIR) or check a dump against them (refmoe golden check DIR DUMP)"
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="golden_command", metavar="ACTION")
+    w = sub.add_parser("write", help="compute the golden cases and write DIR/<case>.npz and DIR/manifest.json")
+    w.add_argument("directory", metavar="DIR")
+    w.add_argument("--case", action="append", default=None, metavar="NAME",
+                   help="write only this case (repeatable; default: the whole grid, see `refmoe golden list`)")
+    w.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="compute on this backend (default numpy; the files are byte-identical only on numpy)")
+    c = sub.add_parser("check", help="compare DUMP/<case>.npz with DIR/<case>.npz tensor by tensor")
+    c.add_argument("directory", metavar="DIR", help="golden directory written by `refmoe golden write`")
+    c.add_argument("dump", metavar="DUMP", help="directory of your implementation's <case>.npz files")
+    c.add_argument("--case", action="append", default=None, metavar="NAME", help="check only this case (repeatable)")
+    c.add_argument("--rtol", type=float, default=None, help="override the manifest's rtol (all dtypes)")
+    c.add_argument("--atol", type=float, default=None, help="override the manifest's atol (all dtypes)")
+    c.add_argument("--require-all", action="store_true", help="fail when the dump lacks a case (default: skip it)")
+    c.add_argument("-v", "--verbose", action="store_true", help="print the table of every case, not only failures")
+    sub.add_parser("list", help="list the cases of the default grid")
+
+
+def run(args) -> int:
+    from ..golden import GoldenFormatError, check_dump, default_cases, write_golden
+
+    action = getattr(args, "golden_command", None)
+    try:
+        if action == "write":
+            manifest = write_golden(args.directory, args.case, backend=args.backend)
+            print(f"wrote {len(manifest['cases'])} case(s) and manifest.json to {args.directory}")
+            return 0
+        if action == "check":
+            report = check_dump(args.directory, args.dump, cases=args.case, rtol=args.rtol, atol=args.atol,
+                                require_all=args.require_all)
+            print(report.format(verbose=args.verbose))
+            return 0 if report.ok else 1
+        if action == "list":
+            for spec in default_cases():
+                print(f"{spec.name:<24} {spec.dtype:<8} {spec.description}")
+            return 0
+    except (GoldenFormatError, ValueError) as exc:
+        print(f"refmoe golden {action}: error: {exc}", file=sys.stderr)
+        return 2
+    print("usage: refmoe golden {write,check,list} ... (see refmoe golden --help)", file=sys.stderr)
+    return 2

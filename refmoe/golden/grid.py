@@ -1,0 +1,76 @@
+"""The default grid of golden cases: one change from a base case at a time, so a failure names its cause."""
+from __future__ import annotations
+
+import importlib.util
+
+from .cases import AUX_FORMS, CaseSpec
+
+BASE = CaseSpec(name="base", description="E=4, K=2, D=6, H=5, N=8 as (B, T) = (2, 4); switch + pairwise + paper")
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def default_cases() -> list:
+    """The cases ``refmoe golden write`` produces by default (a few seconds in all on one CPU core)."""
+    have_ortho, have_var = _have("refmoe.losses.ortho"), _have("refmoe.losses.variance")
+    base = BASE.replace(ortho=BASE.ortho if have_ortho else None, var=BASE.var if have_var else None)
+    cases = [base]
+    for form in AUX_FORMS:
+        if form != base.aux:
+            cases.append(base.replace(name=f"aux_{form}", aux=form, description=f"L_aux form {form}"))
+    if have_ortho:
+        for form in ("span", "span_code_grouping"):
+            cases.append(base.replace(name=f"ortho_{form}", ortho=form, description=f"L_o form {form}"))
+    if have_var:
+        for form in ("code", "row_topk"):
+            cases.append(base.replace(name=f"var_{form}", var=form, description=f"L_v form {form}"))
+    if have_ortho and have_var and _have("refmoe.objective"):
+        cases += [
+            base.replace(name="preset_paper", preset="paper", padding=(5, 7),
+                         description="preset 'paper': switch, pairwise, paper, 1e-3 each; padding excluded"),
+            base.replace(name="preset_authors_code", preset="authors_code", padding=(5, 7),
+                         description="preset 'authors_code': deepseek_seq, span, code; beta and gamma by the "
+                                     "released power-of-ten calibration on this batch; padding included"),
+        ]
+    cases += [
+        base.replace(name="shared", n_shared=2, description="two shared experts (fused, hidden 2H)"),
+        base.replace(name="no_renorm", norm_topk_prob=False, description="gates = raw top-k scores"),
+        base.replace(name="k1", top_k=1, description="K = 1 (L_o has no pairs and is 0)"),
+        base.replace(name="k_all", top_k=base.n_experts, description="K = E (every expert selected)"),
+        base.replace(name="n1", batch_shape=(1, 1), description="a single token"),
+        base.replace(name="padding", padding=(3, 6, 7), aux="deepseek_seq",
+                     description="tokens 3, 6, 7 are padding (valid_mask False), excluded from every loss"),
+        base.replace(name="ties", ties=True, seed=7,
+                     description="exact ties: W_r rows 1 and 2 equal, token 0 is zero; lower index wins"),
+        base.replace(name="float32", dtype="float32", description="the base case in float32"),
+        base.replace(name="float32_ties", dtype="float32", ties=True, seed=7, n_shared=1,
+                     description="ties and a shared expert in float32"),
+    ]
+    layers = CaseSpec(name="conv", kind="aux_layers", n_layers=3, ortho=None, var=None)
+    cases += [
+        layers.replace(name="conv_hf_mixtral", aux="hf_mixtral", padding=(2, 7),
+                       description="HF Mixtral family: 3 layers' logits concatenated along tokens, "
+                                   "2-D attention mask as valid_mask"),
+        layers.replace(name="conv_megatron_micro_batch", aux="megatron_micro_batch", n_layers=2,
+                       description="Megatron-Core micro-batch scope, per layer, summed over 2 layers"),
+        layers.replace(name="conv_megatron_seq", aux="megatron_seq", n_layers=2, padding=(7,),
+                       description="Megatron-Core seq_aux_loss: tokens t*B + b, (B, T) = (2, 4), 2 layers"),
+        layers.replace(name="conv_megatron_global", aux="megatron_global", n_layers=2, micro_batches=(3, 5),
+                       description="Megatron-Core global-batch scope: micro-batches of 3 and 5 tokens, "
+                                   "counts over both; loss/aux_pieces holds each micro-batch's share"),
+    ]
+    return cases
+
+
+def select(names=None) -> list:
+    """Default cases by name (all when ``names`` is empty); unknown names raise ValueError."""
+    cases = default_cases()
+    if not names:
+        return cases
+    by_name = {c.name: c for c in cases}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown case(s) {unknown}; known cases: {sorted(by_name)}")
+    return [by_name[n] for n in names]

@@ -1,0 +1,87 @@
+"""Writing a golden directory: one ``<case>.npz`` per case and ``manifest.json``."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from ..backend import backend_name
+from . import format as fmt
+from .cases import CaseSpec, compute_case, resolve_preset
+from .grid import select
+
+
+def case_entry(spec: CaseSpec, arrays: dict, digest: str) -> dict:
+    """The manifest entry of one case (everything an implementer needs besides the arrays)."""
+    spec_dict = dataclasses.asdict(spec)
+    config_fields = ("d_model", "d_hidden", "n_experts", "top_k", "n_shared", "norm_topk_prob")
+    if spec.kind == "aux_layers":
+        config_fields = ("n_experts", "top_k", "n_layers")
+    return {
+        "kind": spec.kind,
+        "micro_batches": list(spec.micro_batches),
+        "file": f"{spec.name}.npz",
+        "sha256": digest,
+        "description": spec.description,
+        "dtype": spec.dtype,
+        "tolerance": dict(fmt.TOLERANCES[spec.dtype]),
+        "config": {k: spec_dict[k] for k in config_fields},
+        "n_tokens": spec.n_tokens,
+        "batch_shape": list(spec.batch_shape),
+        "padding_tokens": list(spec.padding),
+        "regularisers_see_padding": bool(spec.padding) and not spec.mask_in_losses,
+        "variants": {"aux": spec.aux, "ortho": spec.ortho, "var": spec.var},
+        "coefficients": (None if spec.kind == "aux_layers"
+                         else {"alpha": spec.alpha, "beta": spec.beta, "gamma": spec.gamma}),
+        "ortho_eps": spec.ortho_eps,
+        "preset": spec.preset,
+        "ties": spec.ties,
+        "seed": spec.seed,
+        "terms": sorted({k.split("/")[1] for k in arrays if k.startswith("grad/")}),
+        "keys": fmt.key_specs(arrays),
+    }
+
+
+def write_golden(directory, cases=None, *, backend: str | None = "numpy") -> dict:
+    """Compute the cases and write them under ``directory`` (created if needed); returns the manifest.
+
+    cases    None (the default grid), a list of case names from it, or a list of ``CaseSpec``
+    backend  where to compute ("numpy" or "cupy"); the files are the same format either way
+    Same refmoe and NumPy versions on NumPy give byte-identical files.
+    """
+    from .. import __version__
+
+    if cases is None or all(isinstance(c, str) for c in cases):
+        specs = select(cases)
+    elif all(isinstance(c, CaseSpec) for c in cases):
+        specs = list(cases)
+    else:
+        raise TypeError("cases must be None, a list of case names, or a list of CaseSpec")
+    specs = [resolve_preset(s) for s in specs]          # the manifest records the calibrated coefficients
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"case names repeat: {names}")
+    name = backend_name(backend)
+    os.makedirs(directory, exist_ok=True)
+    entries = {}
+    for spec in specs:
+        arrays = compute_case(spec, backend=name)
+        digest = fmt.save_npz(os.path.join(directory, f"{spec.name}.npz"), arrays)
+        entries[spec.name] = case_entry(spec, arrays, digest)
+    manifest = {
+        "format": fmt.FORMAT_NAME,
+        "schema_version": fmt.SCHEMA_VERSION,
+        "refmoe_version": __version__,
+        "numpy_version": np.__version__,
+        "backend": name,
+        "tie_rule": fmt.TIE_RULE,
+        "task_loss": "L_h = <dy, y>; its gradient is the layer's vector-Jacobian product with dy",
+        "total": "total = L_h + alpha L_aux + beta L_o + gamma L_v",
+        "grad_terms": "grad/<term>/* is the gradient of that term alone, unweighted; grad/total/* is weighted",
+        "tolerances": fmt.TOLERANCES,
+        "tolerance_rule": "max|got - want| <= atol + rtol * max|want| per tensor; integers and bools exact",
+        "cases": entries,
+    }
+    fmt.write_manifest(directory, manifest)
+    return manifest

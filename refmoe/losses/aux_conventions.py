@@ -1,0 +1,234 @@
+r"""Load-balancing losses as other MoE systems compute them, as named conventions with hand-derived gradients.
+
+Dimension letters: N tokens of one layer, E experts, K top-k, L layers, B sequences of T tokens.
+s = softmax scores [N, E], c_j = top-k assignments of (valid) tokens to expert j, Pbar_j = mean_t s_tj.
+
+Every form is linear in the scores once the routing is fixed, :math:`L = \sum_{t,j} W_{tj} s_{tj}`, with W
+built from counts only (zero gradient), so each backward is ``d_scores = dloss * W`` (as in ``aux.py``).
+
+Single layer
+    megatron_seq          (registered in ``AUX_VARIANTS``) Megatron-Core ``sequence_load_balancing_loss_func``:
+                          per sequence E/(K T) sum_j c_bj Pbar_bj, mean over B. Megatron activations are
+                          [T, B, D], so flattened token i = t*B + b (sequence-major), unlike ``deepseek_seq``
+                          (i = b*T + t). Balanced value 1.
+    gshard_first_choice   GShard / DeepSpeed top-1 and top-2 gating / fairseq / Tutel:
+                          E sum_j f1_j Pbar_j with f1_j the fraction of tokens whose FIRST choice is j
+                          (the second choice never enters f). Balanced value 1.
+Several layers: a function of a list of per-layer ``(scores, topk_idx)``
+    hf_mixtral            HF ``load_balancing_loss_func`` (Mixtral, Qwen2/3-MoE, OLMoE): the layers are
+                          concatenated along tokens FIRST, then E sum_{k,j} f_kj Pbar_j over the L*N rows,
+                          f_kj = fraction of rows with expert j in slot k. Balanced value K (the "xK").
+    megatron              per layer, summed over layers; ``scope`` is "micro_batch" (E/(K T^2) sum_j
+                          (sum_t s_tj) c_j, balanced 1 per layer), "seq" (megatron_seq per layer) or
+                          "global" (counts c_j and token count taken over the whole global batch, scores
+                          summed over this micro-batch only, so the per-micro-batch pieces add up exactly
+                          to the global-batch loss; see :func:`megatron_global_counts`).
+
+Padding: ``valid_mask`` [N] bool, True = real token, is the same for every layer; padding is dropped from
+counts, means and token counts, so a masked batch equals the truncated batch. (Megatron normalises a
+sequence by its full length T; with a mask refmoe uses the sequence's valid length.)
+
+Single-layer identities (tested): hf_mixtral on one layer = ``switch``; megatron micro_batch on one
+layer = ``deepseek_batch``; gshard_first_choice = ``switch`` on the first top-k column.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..backend import array_namespace
+from .aux import AUX_VARIANTS, AuxCache, AuxInputs, AuxVariant, aux_loss_backward, aux_loss_forward, routing_map
+from ._checks import check_mask, check_scores, check_topk
+
+MEGATRON_SCOPES = ("micro_batch", "seq", "global")
+CONVENTIONS = ("megatron_seq", "gshard_first_choice", "hf_mixtral", "megatron")
+
+
+# ----------------------------------------------------------------------------------------------
+# megatron_seq: a weight builder registered beside the four forms of aux.py
+# ----------------------------------------------------------------------------------------------
+
+def _w_megatron_seq(a: AuxInputs):
+    """deepseek_seq on a sequence-major token order: token i = t*B + b."""
+    B, T = a.batch_shape
+    E = a.n_experts
+    routed_bt = a.routed.reshape(T, B, E).transpose(1, 0, 2).reshape(B * T, E)   # [B*T, E] batch-major
+    valid_bt = a.valid.reshape(T, B).T.reshape(B * T)                             # [B*T]
+    w_bt = AUX_VARIANTS["deepseek_seq"].weights(a._replace(routed=routed_bt, valid=valid_bt))
+    return w_bt.reshape(B, T, E).transpose(1, 0, 2).reshape(B * T, E)             # back to [T*B, E]
+
+
+AUX_VARIANTS["megatron_seq"] = AuxVariant(_w_megatron_seq, False, True, lambda N, E, K: 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GShard / DeepSpeed: f from the first choice only
+# ----------------------------------------------------------------------------------------------
+
+def gshard_first_choice_forward(scores, topk_idx, *, valid_mask=None):
+    r"""E \sum_j f1_j \bar P_j with f1_j = #{valid t : topk_idx[t, 0] = j} / N_valid.  Balanced value 1.
+
+    scores [N, E] full softmax; topk_idx [N, K] in descending score order (column 0 = first choice).
+    Returns (loss, cache) like :func:`aux_loss_forward`; it is the ``switch`` form on column 0.
+    """
+    xp = check_scores(scores)
+    check_topk(topk_idx, scores.shape[0], scores.shape[1], xp)
+    loss, cache = aux_loss_forward(scores, topk_idx[:, :1], "switch", valid_mask=valid_mask)
+    return loss, cache._replace(variant="gshard_first_choice")
+
+
+def gshard_first_choice_backward(dloss, cache: AuxCache):
+    """d_scores [N, E] = dloss * W; the first-choice counts have zero gradient."""
+    return aux_loss_backward(dloss, cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# several layers
+# ----------------------------------------------------------------------------------------------
+
+class LayersCache(NamedTuple):
+    caches: tuple       # one AuxCache per layer, or a single one over the concatenation (hf_mixtral)
+    n_layers: int
+    n_tokens: int       # N per layer
+    concatenated: bool
+
+
+def _check_layers(layers):
+    if not isinstance(layers, (list, tuple)) or len(layers) == 0:
+        raise ValueError("layers must be a non-empty list of (scores [N, E], topk_idx [N, K]) pairs, one per layer")
+    shape = None
+    for l, pair in enumerate(layers):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"layers[{l}] must be a pair (scores, topk_idx)")
+        scores, topk_idx = pair
+        xp = check_scores(scores, name=f"layers[{l}] scores")
+        check_topk(topk_idx, scores.shape[0], scores.shape[1], xp)
+        here = (tuple(scores.shape), topk_idx.shape[1])
+        if shape is not None and here != shape:
+            raise ValueError(f"layers[{l}] has (scores shape, K) = {here}, layer 0 has {shape}; all layers must match")
+        shape = here
+    return shape
+
+
+def hf_mixtral_forward(layers, *, valid_mask=None):
+    r"""HF Mixtral-family balancing loss over L layers concatenated along tokens.
+
+    .. math:: L = E \sum_{k,j} f_{kj} \bar P_j,\quad f_{kj} = \frac{1}{L N}\sum_{l,t}[T_{lt,k} = j],\quad
+              \bar P_j = \frac{1}{L N}\sum_{l,t} s^{(l)}_{tj}
+
+    Summing f over the K slots gives c_j / (L N): this is ``switch`` on the concatenated [L*N, E] scores.
+    layers      list of L pairs (scores [N, E], topk_idx [N, K])
+    valid_mask  optional [N] bool (True = real token), applied to every layer
+    Balanced value K. Returns (loss, LayersCache).
+    """
+    (N, E), K = _check_layers(layers)
+    xp = array_namespace(*[s for s, _ in layers])
+    scores = xp.concatenate([s for s, _ in layers], axis=0)                  # [L*N, E]
+    topk_idx = xp.concatenate([i for _, i in layers], axis=0)                # [L*N, K]
+    mask = check_mask(valid_mask, N, xp)
+    tiled = None if mask is None else xp.concatenate([mask] * len(layers))   # [L*N]
+    loss, cache = aux_loss_forward(scores, topk_idx, "switch", valid_mask=tiled)
+    return loss, LayersCache((cache._replace(variant="hf_mixtral"),), len(layers), N, True)
+
+
+class GlobalCounts(NamedTuple):
+    counts: tuple       # L arrays [E]: top-k assignments of valid tokens over the whole global batch
+    n_tokens: object    # valid tokens in the global batch (a 0-d array)
+    top_k: int
+
+
+def megatron_global_counts(micro_batches, valid_masks=None) -> GlobalCounts:
+    """Counts c_j per layer and the token count over a global batch made of several micro-batches.
+
+    micro_batches  list over micro-batches of lists over layers of (scores, topk_idx)
+    valid_masks    optional list (one per micro-batch) of [N_m] bool masks or None
+    """
+    if not isinstance(micro_batches, (list, tuple)) or len(micro_batches) == 0:
+        raise ValueError("micro_batches must be a non-empty list of per-layer lists")
+    if valid_masks is None:
+        valid_masks = [None] * len(micro_batches)
+    if len(valid_masks) != len(micro_batches):
+        raise ValueError(f"{len(valid_masks)} masks for {len(micro_batches)} micro-batches")
+    counts, n_tokens, ref = None, 0, None
+    for m, layers in enumerate(micro_batches):
+        (N, E), K = _check_layers(layers)
+        if ref is not None and (E, K, len(layers)) != ref:
+            raise ValueError(f"micro-batch {m} has (E, K, L) = {(E, K, len(layers))}, micro-batch 0 has {ref}")
+        ref = (E, K, len(layers))
+        xp = array_namespace(layers[0][0])
+        mask = check_mask(valid_masks[m], N, xp)
+        valid = xp.ones(N, dtype=layers[0][0].dtype) if mask is None else mask.astype(layers[0][0].dtype)
+        here = [(valid[:, None] * routing_map(idx, E, s.dtype, xp)).sum(axis=0) for s, idx in layers]   # L x [E]
+        counts = here if counts is None else [a + b for a, b in zip(counts, here)]
+        n_tokens = n_tokens + valid.sum()
+    return GlobalCounts(tuple(counts), n_tokens, ref[1])
+
+
+def _global_layer(scores, topk_idx, mask, stats: GlobalCounts, layer: int):
+    r"""E/(K T_g^2) \sum_j c^g_j \sum_{t in this micro-batch} s_tj  (one layer, one micro-batch)."""
+    xp = array_namespace(scores)
+    N, E = scores.shape
+    valid = xp.ones(N, dtype=scores.dtype) if mask is None else mask.astype(scores.dtype)
+    c = stats.counts[layer]
+    if tuple(c.shape) != (E,) or stats.top_k != topk_idx.shape[1]:
+        raise ValueError(f"global counts are for (E, K) = {(c.shape[0], stats.top_k)}, "
+                         f"the layer has {(E, topk_idx.shape[1])}")
+    n = stats.n_tokens
+    w = valid[:, None] * (E * c / (stats.top_k * n * n))[None, :]            # [N, E]
+    return (w * scores).sum(), AuxCache(w, "megatron_global", None, scores.shape)
+
+
+def megatron_forward(layers, scope: str = "micro_batch", *, valid_mask=None, batch_shape=None,
+                     global_counts: GlobalCounts | None = None):
+    r"""Megatron-Core switch balancing loss, computed per layer and summed over the L layers.
+
+    scope "micro_batch"  E/(K T^2) sum_j (sum_t s_tj) c_j over this micro-batch (= ``deepseek_batch``)
+          "seq"          ``megatron_seq`` per layer; needs batch_shape=(B, T), tokens ordered i = t*B + b
+          "global"       counts and token count from ``global_counts`` (default: this micro-batch alone);
+                         summing the result over the micro-batches of the global batch gives the
+                         global-batch loss, and each micro-batch's gradient is its slice of that loss's.
+    Balanced value 1 per layer (L in total). Returns (loss, LayersCache).
+    """
+    if scope not in MEGATRON_SCOPES:
+        raise ValueError(f"scope={scope!r}; expected one of {MEGATRON_SCOPES}")
+    (N, E), K = _check_layers(layers)
+    xp = array_namespace(layers[0][0])
+    mask = check_mask(valid_mask, N, xp)
+    if scope == "global" and global_counts is None:
+        global_counts = megatron_global_counts([layers], [valid_mask])
+    total, caches = 0, []
+    for l, (scores, topk_idx) in enumerate(layers):
+        if scope == "global":
+            loss, cache = _global_layer(scores, topk_idx, mask, global_counts, l)
+        else:
+            variant = "deepseek_batch" if scope == "micro_batch" else "megatron_seq"
+            loss, cache = aux_loss_forward(scores, topk_idx, variant, valid_mask=valid_mask, batch_shape=batch_shape)
+        total = total + loss
+        caches.append(cache)
+    return total, LayersCache(tuple(caches), len(layers), N, False)
+
+
+def layers_backward(dloss, cache: LayersCache) -> list:
+    """d_scores for each layer (a list of L arrays [N, E]) for ``hf_mixtral_forward`` / ``megatron_forward``.
+
+    The counts, f and the top-k selection have zero gradient.
+    """
+    if cache.concatenated:
+        d = aux_loss_backward(dloss, cache.caches[0])                         # [L*N, E]
+        return [d[l * cache.n_tokens:(l + 1) * cache.n_tokens] for l in range(cache.n_layers)]
+    return [aux_loss_backward(dloss, c) for c in cache.caches]
+
+
+hf_mixtral_backward = layers_backward
+megatron_backward = layers_backward
+
+
+def balanced_value(name: str, n_experts: int, top_k: int, n_layers: int = 1) -> float:
+    """Value of a convention at perfect balance (equal counts, every Pbar_j = 1/E): K for hf_mixtral,
+    1 per layer for the others (summed over ``n_layers`` for megatron)."""
+    if name == "hf_mixtral":
+        return float(top_k)
+    if name == "megatron":
+        return float(n_layers)
+    if name in ("megatron_seq", "gshard_first_choice"):
+        return 1.0
+    raise ValueError(f"{name!r} is not a convention; expected one of {CONVENTIONS}")
