@@ -10,7 +10,11 @@ def test_gradcheck_command(capsys, monkeypatch):
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] and out["backend"] == "numpy"
     rows = {(r["check"].split(" ")[0], r["wrt"]): r for r in out["checks"]}
-    assert len(out["checks"]) == 8 * (1 + 4 + 3 + 3)  # layer + 4 L_aux + 3 L_o + 3 L_v forms, 8 arrays each
+    from refmoe import AUX_VARIANTS, ORTHO_VARIANTS, VAR_VARIANTS
+
+    assert "megatron_seq" in AUX_VARIANTS  # the conventions register on import of refmoe, whatever else ran
+    n_forms = len(AUX_VARIANTS) + len(ORTHO_VARIANTS) + len(VAR_VARIANTS)
+    assert len(out["checks"]) == 8 * (1 + n_forms)  # the layer and every form, 8 arrays each
     assert max(r["error"] for r in out["checks"]) < 1e-7  # measured ~4e-9 at worst
     # L_o never reaches the router, L_aux and L_v never reach the experts (within one layer)
     assert rows[("L_o[span]", "w_router")]["max_abs_grad"] == 0.0

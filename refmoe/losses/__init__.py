@@ -2,6 +2,7 @@
 from .aux import AUX_VARIANTS, aux_loss_backward, aux_loss_forward
 from .ortho import ORTHO_VARIANTS, ortho_loss_backward, ortho_loss_forward
 from .variance import VAR_VARIANTS, var_loss_backward, var_loss_forward
+from . import aux_conventions  # registers the single-layer conventions of other systems in AUX_VARIANTS
 
 __all__ = ["AUX_VARIANTS", "aux_loss_forward", "aux_loss_backward",
            "ORTHO_VARIANTS", "ortho_loss_forward", "ortho_loss_backward",
