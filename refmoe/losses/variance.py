@@ -1,0 +1,146 @@
+r"""The variance loss L_v on routing scores, in its three published forms, as one forward/backward pair.
+
+Dimension letters: N tokens, E routed experts (``n`` in the paper), K selected experts per token.
+Every form is returned as a quantity to MINIMISE, i.e. minus a variance, so that gradient descent raises
+the variance (the method wants confident, uneven routing).
+
+Variants (``theory/losses.md`` has the derivations; ``/spec/paper-math.md`` the definitions):
+
+``paper``  (Eq. 7) column-wise over tokens on the post-top-k matrix S (rows renormalised to sum 1):
+
+.. math:: L_v = -\frac{1}{E}\sum_{i}\sum_{j} (s_{ij} - \bar s_j)^2,\qquad \bar s_j = \frac{1}{N}\sum_i s_{ij}
+
+          Identity: :math:`\sum_{ij}(s_{ij}-\bar s_j)^2 = \sum_{ij}s_{ij}^2 - N\sum_j \bar s_j^2`.
+          Exact gradient :math:`\partial L_v/\partial s_{ij} = -\frac{2}{E}(s_{ij}-\bar s_j)`; the paper's
+          Eq. 9 carries a spurious extra factor (N-1)/N (see :func:`paper_eq9_gradient`).
+
+``code``   the authors' released code: minus the token mean of the unbiased (divisor E - 1) variance across
+           all E experts of the full softmax P, before top-k:
+
+.. math:: L_v = -\frac{1}{N}\sum_i \frac{1}{E-1}\sum_j (P_{ij} - \bar P_i)^2,\qquad \bar P_i = \frac1E\sum_j P_{ij}
+
+``row_topk`` (the notion of Lemma 1) minus the token mean of the population variance (divisor K) of the K
+           non-zero entries :math:`s_{ik}` of row i of S:
+
+.. math:: L_v = -\frac{1}{N}\sum_i \frac{1}{K}\sum_k (s_{ik} - m_i)^2,\qquad m_i = \frac1K\sum_k s_{ik}
+
+``valid_mask`` (True = real token) drops padding tokens from every sum and mean; N is then the number of
+valid tokens. The released code has no mask (it averages over padding too): pass ``valid_mask=None`` to
+reproduce it.
+
+The backward returns ``d_scores`` [N, E] on the full softmax; for ``paper`` and ``row_topk`` it goes through
+the renormalisation S(P, T) with the top-k sets T held fixed (they are piecewise constant: zero gradient).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .. import ops
+from ._checks import check_mask, check_scores, check_topk
+
+VAR_VARIANTS = ("paper", "code", "row_topk")
+
+
+class VarCache(NamedTuple):
+    variant: str
+    dq: object            # d loss / d Q for dloss = 1: [N, E] on S or P, or [N, K] on the selected s
+    topk_cache: object    # ops.TopkScoresCache for ``paper`` / ``row_topk``, None for ``code``
+
+
+# ----------------------------------------------------------------------------------------------
+# the three forms: each returns (loss, dloss/dQ) with Q the tensor the form reads
+# ----------------------------------------------------------------------------------------------
+
+def _paper(S, valid, n_valid):
+    E = S.shape[1]
+    sbar = (valid[:, None] * S).sum(axis=0) / n_valid           # [E]   column means over valid tokens
+    dev = valid[:, None] * (S - sbar[None, :])                   # [N, E] two-pass: centre first
+    loss = -(dev * dev).sum() / E
+    return loss, (-2.0 / E) * dev                                # mean-dependence terms sum to zero
+
+
+def _code(P, valid, n_valid):
+    E = P.shape[1]
+    pbar = P.mean(axis=1, keepdims=True)                         # [N, 1] row means
+    dev = P - pbar                                               # [N, E]
+    var_i = (dev * dev).sum(axis=1) / (E - 1)                    # [N]   unbiased row variance
+    loss = -(valid * var_i).sum() / n_valid
+    return loss, (-2.0 / (E - 1)) * (valid / n_valid)[:, None] * dev
+
+
+def _row_topk(s_sel, valid, n_valid):
+    K = s_sel.shape[1]
+    m = s_sel.mean(axis=1, keepdims=True)                        # [N, 1]
+    dev = s_sel - m                                              # [N, K]
+    var_i = (dev * dev).sum(axis=1) / K                          # [N]   population variance of the K entries
+    loss = -(valid * var_i).sum() / n_valid
+    return loss, (-2.0 / K) * (valid / n_valid)[:, None] * dev
+
+
+# ----------------------------------------------------------------------------------------------
+# forward / backward
+# ----------------------------------------------------------------------------------------------
+
+def var_loss_forward(scores, topk_idx, variant: str = "paper", *, valid_mask=None):
+    """L_v from the layer's softmax scores [N, E] and top-k indices [N, K] (both from ``MoECache``).
+
+    variant     one of VAR_VARIANTS (see the module docstring)
+    valid_mask  optional [N] bool, True = real token; padding is excluded from every sum and mean
+    Returns (loss, cache); loss is a 0-d array on the scores' backend and dtype (minus a variance).
+    ``topk_idx`` is checked for every variant, though ``code`` does not read it.
+    """
+    if variant not in VAR_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not an L_v form; expected one of {VAR_VARIANTS}")
+    xp = check_scores(scores)
+    N, E = scores.shape
+    check_topk(topk_idx, N, E, xp)
+    mask = check_mask(valid_mask, N, xp)
+    if variant == "code" and E < 2:
+        raise ValueError(f"variant='code' needs n_experts >= 2 for an unbiased variance, got E={E}")
+    valid = xp.ones(N, dtype=scores.dtype) if mask is None else mask.astype(scores.dtype)   # [N]
+    n_valid = valid.sum()
+
+    topk_cache = None
+    if variant == "code":
+        loss, dq = _code(scores, valid, n_valid)
+    else:
+        (S, s_sel), topk_cache = ops.topk_scores_forward(scores, topk_idx)   # [N, E], [N, K]
+        if variant == "paper":
+            loss, dq = _paper(S, valid, n_valid)
+        else:
+            loss, dq = _row_topk(s_sel, valid, n_valid)
+    return loss, VarCache(variant, dq, topk_cache)
+
+
+def var_loss_backward(dloss, cache: VarCache):
+    """d_scores [N, E]: the gradient of ``dloss * L_v`` with respect to the full softmax scores.
+
+    The top-k indices are piecewise constant in the scores: their gradient is zero and is not returned.
+    """
+    dq = cache.dq * dloss
+    if cache.variant == "code":
+        return dq                                                # Q = P itself
+    if cache.variant == "paper":
+        return ops.topk_scores_backward(dq, cache.topk_cache)    # dS [N, E] -> d_scores
+    return ops.topk_scores_backward(None, cache.topk_cache, ds_sel=dq)   # ds_sel [N, K] -> d_scores
+
+
+# ----------------------------------------------------------------------------------------------
+# the gradient the paper prints (Eq. 9/10), for comparison only
+# ----------------------------------------------------------------------------------------------
+
+def paper_eq9_gradient(S, valid_mask=None):
+    r"""The derivative of Eq. 7 as the paper states it (Eq. 9/10, with gamma = 1), on S [N, E]:
+
+    .. math:: -\frac{2(N-1)}{E N}(s_{ij} - \bar s_j)
+
+    Not used by any backward: the exact derivative is :math:`-\frac{2}{E}(s_{ij}-\bar s_j)` (what
+    ``var_loss_backward`` returns before the chain through S); the two differ by the factor (N-1)/N exactly.
+    """
+    xp = check_scores(S, name="S")
+    N, E = S.shape
+    mask = check_mask(valid_mask, N, xp)
+    valid = xp.ones(N, dtype=S.dtype) if mask is None else mask.astype(S.dtype)
+    n = valid.sum()
+    sbar = (valid[:, None] * S).sum(axis=0) / n
+    return (-2.0 / E) * ((n - 1) / n) * valid[:, None] * (S - sbar[None, :])
