@@ -70,7 +70,7 @@ def _pairwise_parts(A, eps):
     G = xp.einsum("njd,nkd->njk", A, A)                          # [N, K, K]  Gram matrix per token
     nrm = xp.diagonal(G, axis1=1, axis2=2)                       # [N, K]     ||x_k||^2
     den = nrm + eps
-    den = xp.where(den > 0, den, 1.0)                            # only a zero output with eps = 0 hits this
+    den = den + (den <= 0).astype(A.dtype)                       # 1 for a zero output with eps = 0 (w = 0 there)
     w = nrm / (den * den)                                        # [N, K]     ||x_k||^2 / (||x_k||^2 + eps)^2
     off = 1.0 - xp.eye(K, dtype=A.dtype)                         # [K, K]     j != k
     return G, nrm, den, w, off

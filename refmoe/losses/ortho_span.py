@@ -30,10 +30,11 @@ def _dot(a, b):
     return (a * b).sum(axis=-1, keepdims=True)                       # [N, 1]
 
 
-def _safe_inverse(xp, r):
-    """1/r where r > 0, else 0 (the norm is not differentiable at 0; 0 is the subgradient refmoe takes)."""
-    pos = r > 0
-    return xp.where(pos, 1.0 / xp.where(pos, r, 1.0), 0.0)
+def _safe_inverse(r):
+    """1/r where r > 0, else 0 (the norm is not differentiable at 0; 0 is the subgradient refmoe takes).
+    Written with arithmetic on r's dtype only, so float32 stays float32 on both backends."""
+    pos = (r > 0).astype(r.dtype)
+    return pos / (r + (1.0 - pos))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def gram_schmidt_forward(cols, eps: float):
             v = v - c * u
         r = xp.sqrt(_dot(v, v))                     # [N, 1]  ||w||
         den = r + eps
-        u = v * _safe_inverse(xp, den)              # w / (||w|| + eps); 0 when w = 0 and eps = 0
+        u = v * _safe_inverse(den)              # w / (||w|| + eps); 0 when w = 0 and eps = 0
         tape.append((steps, v, r, den))
         us.append(u)
     return us, tape
@@ -60,15 +61,14 @@ def gram_schmidt_forward(cols, eps: float):
 
 def gram_schmidt_backward(dus, us, tape):
     """Reverse of :func:`gram_schmidt_forward`: dus (list of m [N, D]) -> dcols (list of m [N, D])."""
-    xp = array_namespace(*us)
     dus = list(dus)
     dcols = [None] * len(us)
     for j in reversed(range(len(us))):              # u_j is complete: later vectors were handled first
         steps, w, r, den = tape[j]
         du = dus[j]
-        inv_den = _safe_inverse(xp, den)
+        inv_den = _safe_inverse(den)
         # u = w / (r + eps), r = ||w||:  dw = du/(r+eps) - <du, w>/(r+eps)^2 * w/r
-        dw = du * inv_den - _dot(du, w) * inv_den * inv_den * (w * _safe_inverse(xp, r))
+        dw = du * inv_den - _dot(du, w) * inv_den * inv_den * (w * _safe_inverse(r))
         for l in reversed(range(j)):                # v^{(l+1)} = v^{(l)} - c u_l,  c = <u_l, v^{(l)}>
             v_l, c = steps[l]
             dc = -_dot(dw, us[l])

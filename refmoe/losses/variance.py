@@ -4,7 +4,7 @@ Dimension letters: N tokens, E routed experts (``n`` in the paper), K selected e
 Every form is returned as a quantity to MINIMISE, i.e. minus a variance, so that gradient descent raises
 the variance (the method wants confident, uneven routing).
 
-Variants (``theory/losses.md`` has the derivations; ``/spec/paper-math.md`` the definitions):
+Variants (``theory/losses.md`` has the derivations and the definitions they follow):
 
 ``paper``  (Eq. 7) column-wise over tokens on the post-top-k matrix S (rows renormalised to sum 1):
 
