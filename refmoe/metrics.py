@@ -70,7 +70,7 @@ def routing_variance_eq42(scores) -> float:
     A variance of the expert-mean scores around uniform: it measures imbalance of the average routing, and
     is at most (E-1)/E^2 (all mass on one expert), not how confident each token's routing is.
     """
-    xp = array_namespace(scores)
+    array_namespace(scores)
     E = scores.shape[1]
     gbar = scores.mean(axis=0)                                      # [E]
     return _f(((gbar - 1.0 / E) ** 2).mean())
@@ -207,8 +207,8 @@ def selected_output_cosine(expert_out) -> float:
     nrm = xp.sqrt((expert_out * expert_out).sum(axis=2, keepdims=True))
     unit = expert_out / xp.where(nrm > 0, nrm, 1.0)
     g = xp.abs(xp.einsum("njd,nkd->njk", unit, unit))                        # [N, K, K]
-    iu = np.triu_indices(K, 1)
-    return _f(g[:, iu[0], iu[1]].mean())
+    rows, cols = (xp.asarray(a) for a in np.triu_indices(K, 1))        # pairs j < k
+    return _f(g[:, rows, cols].mean())
 
 
 def entropy_bits(p) -> float:
