@@ -160,7 +160,8 @@ def write_report(result: StudyResult, out_dir: str, *, figures: bool = True) -> 
     if figures:
         from .figures import save_all
 
-        names = save_all(result.summary, out_dir, sweep=result.sweep)
+        has_sweep = any(r["factor"] != 1.0 for sw in result.sweep.values() for r in sw["rows"])
+        names = save_all(result.summary, out_dir, sweep=result.sweep if has_sweep else None)
     payload = {"config": result.study._asdict(), "seconds": result.seconds, "eval_keys": list(EVAL_KEYS),
                "summary": result.summary, "claims": result.claims, "sweep": result.sweep,
                "per_seed": result.per_seed}
