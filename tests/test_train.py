@@ -140,3 +140,15 @@ def test_verdicts_on_hand_made_results():
     seeds[0]["aux+ortho+var"]["overlap"] = 0.65             # +0.05 and -0.11: mean down, one seed disagrees
     assert {r["id"]: r for r in claim_rows(_fake(seeds), "paper", combos)}["C2"]["verdict"] == "mixed"
     assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_all_expert_outputs_agree_with_the_layer(backend):
+    from refmoe.evaluate import all_expert_outputs
+
+    rng = np.random.default_rng(2)
+    params = init_params(TINY, rng, np.float64, backend=backend)
+    x = D.sample(D.make_task(rng, d_model=4, n_clusters=2, n_narrow=1), rng, 7, backend=backend).x
+    _, cache = moe_forward(x, params, TINY)
+    every = host(all_expert_outputs(x, params))                       # [N, E, D]
+    picked = np.take_along_axis(every, host(cache.topk_idx)[:, :, None], axis=1)
+    assert np.abs(picked - host(cache.expert_out)).max() < 1e-12     # the same SwiGLU on the same tokens
