@@ -203,8 +203,9 @@ def run_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = p
                                                  "calibrated": calib}}
         runs = [(combo, combo_objective(base, combo)) for combo in study.combos]
         full = combo_objective(base, "aux+ortho+var")
-        runs += [(f"sweep:{f:g}", full.replace(beta=full.beta * f, gamma=full.gamma * f, name=f"{full.name}x{f:g}"))
-                 for f in study.sweep]
+        if "aux+ortho+var" in study.combos and "aux" in study.combos:     # the sweep is read against these
+            runs += [(f"sweep:{f:g}", full.replace(beta=full.beta * f, gamma=full.gamma * f,
+                                                   name=f"{full.name}x{f:g}")) for f in study.sweep]
         out["finetune"][preset]["sweep"] = {}
         for name, obj in runs:
             ft_rng = np.random.default_rng([seed, 13])               # same batches for every run
