@@ -1,0 +1,91 @@
+r"""Adam and AdamW, written out (Kingma & Ba 2015; Loshchilov & Hutter 2019), on dicts of arrays.
+
+For every parameter w with gradient g at step t = 1, 2, ...:
+
+.. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g,\qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2
+
+    \hat m_t = m_t / (1-\beta_1^t),\qquad \hat v_t = v_t / (1-\beta_2^t)
+
+    w_t = w_{t-1} - \eta\,\big(\hat m_t / (\sqrt{\hat v_t} + \epsilon) + \lambda w_{t-1}\big)
+
+``decoupled=True`` (AdamW) applies the weight decay lambda directly as above; ``decoupled=False`` (Adam with
+L2) adds lambda w to g before the moments instead. Both follow ``torch.optim.Adam`` / ``AdamW`` exactly,
+which the tests use as an oracle. The update is pure: new arrays are returned, the inputs are not modified.
+Numerics: constants enter as Python floats, so float32 parameters stay float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from .backend import array_namespace
+
+
+class AdamState(NamedTuple):
+    m: dict        # name -> first moment (same shape and dtype as the parameter)
+    v: dict        # name -> second moment
+    t: int         # number of updates taken
+
+
+class AdamConfig(NamedTuple):
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = True
+
+
+def _check_config(c: AdamConfig):
+    if not (c.lr >= 0 and math.isfinite(c.lr)):
+        raise ValueError(f"lr={c.lr} must be finite and >= 0")
+    for name in ("beta1", "beta2"):
+        b = getattr(c, name)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name}={b} must be in [0, 1)")
+    if not c.eps > 0:
+        raise ValueError(f"eps={c.eps} must be > 0")
+    if not c.weight_decay >= 0:
+        raise ValueError(f"weight_decay={c.weight_decay} must be >= 0")
+
+
+def adam_init(params: dict) -> AdamState:
+    """Zero moments for every parameter of ``params``."""
+    if not isinstance(params, dict) or not params:
+        raise TypeError("params must be a non-empty dict of arrays")
+    xp = array_namespace(*params.values())
+    return AdamState({k: xp.zeros_like(w) for k, w in params.items()},
+                     {k: xp.zeros_like(w) for k, w in params.items()}, 0)
+
+
+def adam_step(params: dict, grads: dict, state: AdamState, config: AdamConfig = AdamConfig()):
+    """One Adam/AdamW update.  Returns (new params, new AdamState).
+
+    ``grads`` must hold a gradient for every key of ``params`` (extra keys, such as 'x', are ignored),
+    with the same shape and dtype.
+    """
+    _check_config(config)
+    missing = [k for k in params if k not in grads]
+    if missing:
+        raise ValueError(f"grads lack {missing}")
+    c = config
+    t = state.t + 1
+    bc1 = 1.0 - c.beta1 ** t                    # bias corrections
+    bc2 = 1.0 - c.beta2 ** t
+    new_p, new_m, new_v = {}, {}, {}
+    for k, w in params.items():
+        g = grads[k]
+        xp = array_namespace(w, g)
+        if tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
+            raise ValueError(f"grads[{k!r}] is {g.dtype}{tuple(g.shape)}, parameter is {w.dtype}{tuple(w.shape)}")
+        if c.weight_decay and not c.decoupled:
+            g = g + c.weight_decay * w                                  # L2 penalty inside the moments
+        m = c.beta1 * state.m[k] + (1.0 - c.beta1) * g
+        v = c.beta2 * state.v[k] + (1.0 - c.beta2) * (g * g)
+        step = (m / bc1) / (xp.sqrt(v / bc2) + c.eps)
+        if c.weight_decay and c.decoupled:
+            step = step + c.weight_decay * w                            # AdamW: decay outside the moments
+        new_p[k] = w - c.lr * step
+        new_m[k], new_v[k] = m, v
+    return new_p, AdamState(new_m, new_v, t)

@@ -1,0 +1,153 @@
+"""The training loop: the composed gradient against finite differences, loss combinations, determinism,
+the evaluation, and the verdict logic of the report on hand-made results."""
+import math
+
+import numpy as np
+import pytest
+
+from refmoe import data as D
+from refmoe import gradcheck as gc
+from refmoe.config import MoEConfig
+from refmoe.layer import init_params, moe_forward
+from refmoe.objective import PRESETS, objective_forward_backward
+from refmoe.optim import AdamConfig, adam_init
+from refmoe.report import claim_rows, mean_sd
+from refmoe.train import COMBOS, StudyConfig, combo_objective, run_seed, train_phase, train_step
+
+from helpers import host
+
+TINY = MoEConfig(d_model=4, d_hidden=3, n_experts=4, top_k=2, n_shared=1)
+
+
+def test_combo_objective_switches_terms_off():
+    base = PRESETS["paper"].replace(alpha=0.1, beta=0.2, gamma=0.3)
+    got = {c: (o.alpha, o.beta, o.gamma) for c in COMBOS for o in [combo_objective(base, c)]}
+    assert got["none"] == (0.0, 0.0, 0.0)
+    assert got["aux"] == (0.1, 0.0, 0.0)
+    assert got["aux+ortho"] == (0.1, 0.2, 0.0) and got["aux+var"] == (0.1, 0.0, 0.3)
+    assert got["aux+ortho+var"] == (0.1, 0.2, 0.3) and got["ortho+var"] == (0.0, 0.2, 0.3)
+    with pytest.raises(ValueError, match="combo"):
+        combo_objective(base, "ortho")
+
+
+def test_total_gradient_of_a_training_step_matches_finite_differences():
+    # L = L_h(x + MoE(x), t) + alpha L_aux + beta L_o + gamma L_v, with dy = dL_h/dout computed by hand:
+    # the gradient the optimiser receives must be the derivative of that scalar (float64)
+    rng = np.random.default_rng(5)
+    task = D.make_task(rng, d_model=4, n_clusters=3, n_narrow=1, teacher_rank=3)
+    b = D.sample(task, rng, 6, backend="numpy")
+    obj = PRESETS["paper"].replace(alpha=0.3, beta=0.05, gamma=0.7)
+    for _ in range(100):                                   # parameters whose routing is clear of ties
+        params = init_params(TINY, rng, np.float64, backend="numpy")
+        params["w_router"] = params["w_router"] * 3.0
+        s = np.sort(moe_forward(b.x, params, TINY)[1].scores, axis=1)[:, ::-1]
+        if (s[:, 1] - s[:, 2]).min() > 2e-3:
+            break
+    _, _, res, _, _ = train_step(params, adam_init(params), b, TINY, obj, AdamConfig(lr=0.0))
+
+    def total(p):
+        y, _ = moe_forward(b.x, p, TINY)
+        l_h, _ = D.mse_forward(b.x + y, b.target)
+        r = objective_forward_backward(b.x, p, TINY, None, obj, per_term=False)
+        return l_h + r.losses["regularisers"]
+
+    errs = gc.check_vjp(total, dict(params), {k: res.grads["total"][k] for k in params},
+                        guard=lambda p: moe_forward(b.x, p, TINY)[1].topk_idx)
+    assert max(errs.values()) < 1e-7, errs     # measured ~1e-9; pass mark 1e-7
+
+
+def test_train_phase_lowers_the_task_loss(backend):
+    rng = np.random.default_rng(0)
+    cfg = MoEConfig(d_model=8, d_hidden=8, n_experts=4, top_k=2, n_shared=1)
+    task = D.make_task(rng, d_model=8, n_clusters=4, n_narrow=2, teacher_rank=4)
+    params = init_params(cfg, rng, np.float32, backend=backend)
+    logs = []
+    res = train_phase(params, cfg, combo_objective(PRESETS["paper"], "aux+ortho+var"), task, rng, steps=40,
+                      batch_size=64, domain="broad", adam=AdamConfig(lr=1e-2), log_every=20, backend=backend,
+                      dtype=np.float32, on_log=logs.append)
+    first, last = np.mean([s.task for s in res.steps[:5]]), np.mean([s.task for s in res.steps[-5:]])
+    assert last < 0.6 * first                             # measured ~0.3
+    assert [r.step for r in logs] == [1, 20, 40]
+    assert res.params["w_gate"].dtype == np.float32
+    cos = logs[-1].cosines["router"]
+    assert math.isnan(cos[0, 2])                          # L_o never reaches the router
+    assert math.isnan(logs[-1].cosines["experts"][0, 1])  # L_aux never reaches the experts
+
+
+def test_run_seed_same_batches_for_every_combination():
+    st = StudyConfig(d_model=8, d_hidden=8, n_experts=4, top_k=2, n_clusters=4, batch_size=32, pretrain_steps=8,
+                     finetune_steps=6, log_every=3, eval_tokens=64, overlap_points=40, seeds=(0,),
+                     combos=("none", "aux"), sweep=(0.1,))
+    lines = []
+    out = run_seed(st, 0, status=lines.append)
+    ft = out["finetune"]
+    # "none" has no regulariser: both presets start from one checkpoint on the same batches -> identical
+    assert ft["paper"]["none"]["task"] == ft["authors_code"]["none"]["task"]
+    assert ft["paper"]["none"]["task"][0] == ft["paper"]["aux"]["task"][0]      # same first batch and params
+    assert ft["authors_code"]["objective"]["calibrated"] is not None
+    assert ft["paper"]["sweep"] == {}             # the sweep needs aux and aux+ortho+var in the study
+    ev = ft["paper"]["aux"]["eval"]["narrow"]
+    assert 0.0 <= ev["overlap"] <= 1.0 and -1.0 <= ev["silhouette"] <= 1.0 and 0.0 <= ev["nmi"] <= 1.0 + 1e-12
+    assert sum(ev["loads"]) == st.eval_tokens * st.top_k
+    # one status line per logging step: pre-training at steps 1, 3, 6, 8; 2 presets x 2 combos at 1, 3, 6
+    assert len(lines) == 4 + 2 * 2 * 3
+
+
+def _fake(evals_by_combo_per_seed, curves=None):
+    """per_seed results with given narrow-domain metrics (dict combo -> dict metric -> value, per seed)."""
+    out = []
+    for s, evals in enumerate(evals_by_combo_per_seed):
+        ft = {}
+        for c, ev in evals.items():
+            full = {k: 0.0 for k in ("task", "maxvio_global", "rv_eq42", "rv_per_token", "overlap", "silhouette",
+                                      "mi_bits", "nmi", "sel_cos", "all_cos", "discrim")}
+            full.update(ev)
+            ft[c] = {"eval": {"narrow": full, "broad": full}, "maxvio": (curves or {}).get(c, [0.0] * 20),
+                     "task": [0.0] * 20, "logs": []}
+        out.append({"finetune": {"paper": ft}})
+    return out
+
+
+def test_verdicts_on_hand_made_results():
+    combos = ("none", "aux", "aux+ortho", "aux+var", "aux+ortho+var", "ortho+var")
+    seeds = []
+    for shift in (0.0, 0.01):
+        seeds.append({
+            "none": {"overlap": 0.2, "rv_per_token": 0.05},
+            "aux": {"overlap": 0.6 + shift, "rv_per_token": 0.01, "discrim": 0.1},
+            "aux+ortho": {"overlap": 0.3, "rv_per_token": 0.011, "discrim": 0.3},
+            "aux+var": {"overlap": 0.55, "rv_per_token": 0.03},
+            # overlap down in one seed only (0.59 < 0.6; 0.62 > 0.61): "mixed"
+            "aux+ortho+var": {"overlap": 0.59 if shift == 0 else 0.62 - 0.1, "rv_per_token": 0.005,
+                              "maxvio_global": 0.3},
+            "ortho+var": {"maxvio_global": 1.2},
+        })
+    seeds[1]["aux+ortho+var"]["overlap"] = 0.62
+    per_seed = _fake(seeds, curves={"aux": [0.2] * 20, "aux+ortho+var": [0.22] * 20, "none": [1.0] * 20})
+    rows = {r["id"]: r for r in claim_rows(per_seed, "paper", combos)}
+    assert rows["C1a"]["verdict"] == "supported"            # overlap 0.2 -> 0.6
+    assert rows["C1b"]["verdict"] == "supported"            # rv 0.05 -> 0.01
+    assert rows["C2"]["verdict"] == "not supported"         # mean diff (-0.01 + 0.01) / 2 = 0 -> not supported
+    assert rows["C3"]["verdict"] == "not supported"         # rv went down
+    assert rows["C4"]["verdict"] == "supported" and rows["C4"]["diff"][0] == pytest.approx(0.02)
+    assert rows["C5"]["verdict"] == "supported"
+    assert rows["C6"]["verdict"] == "supported"             # +L_o lowers overlap by ~0.3, +L_v by ~0.05
+    assert rows["C7"]["verdict"] == "supported"             # +L_v raises rv by 0.02, +L_o by 0.001
+    assert rows["C8"]["verdict"] == "supported"
+    seeds[1]["aux+ortho+var"]["overlap"] = 0.50             # now -0.01 and -0.11: mean down, both seeds agree
+    assert {r["id"]: r for r in claim_rows(_fake(seeds), "paper", combos)}["C2"]["verdict"] == "supported"
+    seeds[0]["aux+ortho+var"]["overlap"] = 0.65             # +0.05 and -0.11: mean down, one seed disagrees
+    assert {r["id"]: r for r in claim_rows(_fake(seeds), "paper", combos)}["C2"]["verdict"] == "mixed"
+    assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_all_expert_outputs_agree_with_the_layer(backend):
+    from refmoe.evaluate import all_expert_outputs
+
+    rng = np.random.default_rng(2)
+    params = init_params(TINY, rng, np.float64, backend=backend)
+    x = D.sample(D.make_task(rng, d_model=4, n_clusters=2, n_narrow=1), rng, 7, backend=backend).x
+    _, cache = moe_forward(x, params, TINY)
+    every = host(all_expert_outputs(x, params))                       # [N, E, D]
+    picked = np.take_along_axis(every, host(cache.topk_idx)[:, :, None], axis=1)
+    assert np.abs(picked - host(cache.expert_out)).max() < 1e-12     # the same SwiGLU on the same tokens
