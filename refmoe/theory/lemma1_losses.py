@@ -1,0 +1,111 @@
+r"""Lemma 1 at the level of the actual losses: can L_aux and L_v be at their best values in one router state?
+
+Dimension letters: N tokens, E experts (the paper's n), K top-k. A router state is a logit matrix Z [N, E];
+P = softmax(Z), top-k sets and S follow as in the layer. Evaluated with refmoe's own losses.
+
+Canonical states (``tau`` is a confidence scale):
+    balanced_confident   token i's logits: tau on expert i mod E, tau/2 on its next K-1 experts (mod E)
+    collapsed_confident  every token the same as token 0 (all mass on expert 0)
+    near_uniform         logits 1e-3 times the balanced pattern (almost uniform P, balanced top-k)
+
+Infima of L_v over all states (approached as tau grows), from the definitions:
+    row_topk  -(K-1)/K^2       one entry of each S row -> 1
+    code      -1/E             P rows one-hot (unbiased variance of a one-hot row of length E)
+    paper     -(N/E)(1-1/E)    rows one-hot AND column means all 1/E: by the identity
+              sum (s_ij - sbar_j)^2 = sum s_ij^2 - N sum_j sbar_j^2, the form hides + (N/E) sum_j sbar_j^2,
+              a balancing term minimised at sbar_j = 1/E.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..losses.aux import AUX_VARIANTS, aux_loss_forward
+from ..losses.variance import var_loss_forward
+from ..ops import softmax_forward, topk_indices
+
+LOSS_AUX = ("paper_eq2", "switch", "deepseek_batch")
+LOSS_VAR = ("paper", "code", "row_topk")
+
+
+def balanced_logits(N: int, E: int, K: int, tau: float) -> np.ndarray:
+    Z = np.zeros((N, E))
+    for i in range(N):
+        Z[i, i % E] = tau
+        for t in range(1, K):
+            Z[i, (i + t) % E] = tau / 2
+    return Z
+
+
+def collapsed_logits(N: int, E: int, K: int, tau: float) -> np.ndarray:
+    return np.repeat(balanced_logits(1, E, K, tau), N, axis=0)
+
+
+def var_infimum(variant: str, N: int, E: int, K: int) -> float:
+    return {"row_topk": -(K - 1) / K ** 2, "code": -1.0 / E, "paper": -(N / E) * (1 - 1 / E)}[variant]
+
+
+def evaluate(Z, K: int) -> dict:
+    """Every L_aux and L_v form at the router state Z [N, E], plus the max load violation."""
+    P, _ = softmax_forward(Z)
+    idx = topk_indices(P, K)
+    N, E = P.shape
+    loads = np.bincount(idx.reshape(-1), minlength=E)
+    out = {"maxvio": float(loads.max() / (N * K / E) - 1)}
+    for a in LOSS_AUX:
+        out[f"aux:{a}"] = float(aux_loss_forward(P, idx, a)[0])
+    for v in LOSS_VAR:
+        out[f"var:{v}"] = float(var_loss_forward(P, idx, v)[0])
+    return out
+
+
+def joint_table(N: int = 8, E: int = 4, K: int = 2, tau: float = 60.0) -> list[dict]:
+    """For every (aux form, var form): L_aux - its balanced value and L_v - its infimum at the canonical states."""
+    states = {"balanced_confident": balanced_logits(N, E, K, tau),
+              "collapsed_confident": collapsed_logits(N, E, K, tau),
+              "near_uniform": balanced_logits(N, E, K, 1e-3)}
+    vals = {name: evaluate(Z, K) for name, Z in states.items()}
+    rows = []
+    for a in LOSS_AUX:
+        bal = AUX_VARIANTS[a].balanced_value(N, E, K)
+        for v in LOSS_VAR:
+            inf = var_infimum(v, N, E, K)
+            row = dict(aux=a, var=v, N=N, E=E, K=K)
+            for s, d in vals.items():
+                row[f"{s}:aux_gap"] = d[f"aux:{a}"] - bal
+                row[f"{s}:var_gap"] = d[f"var:{v}"] - inf
+                row[f"{s}:maxvio"] = d["maxvio"]
+            rows.append(row)
+    return rows
+
+
+def switch_confident_floor(N: int, E: int) -> float:
+    """K = 1: with one-hot P rows, L_switch = E sum_j c_j^2 / N^2 (c_j loads); its least value over loads.
+
+    Balanced-as-possible loads minimise sum c_j^2. Equals K = 1 (the balanced value) iff E divides N.
+    """
+    q, r = divmod(N, E)
+    loads = [q + 1] * r + [q] * (E - r)
+    return E * sum(c * c for c in loads) / N ** 2
+
+
+def conflict_example(N: int = 6, E: int = 4, tau: float = 40.0) -> dict:
+    """K = 1, E not dividing N: a confident state (L_v code at its infimum) cannot reach L_switch = 1,
+    while a near-uniform state reaches 1 exactly but has L_v code near 0 (its worst value)."""
+    conf = evaluate(balanced_logits(N, E, 1, tau), 1)
+    unif = evaluate(balanced_logits(N, E, 1, 1e-6), 1)
+    return dict(N=N, E=E, K=1, floor=switch_confident_floor(N, E),
+                confident_switch=conf["aux:switch"], confident_var_code=conf["var:code"],
+                uniform_switch=unif["aux:switch"], uniform_var_code=unif["var:code"],
+                var_code_infimum=var_infimum("code", N, E, 1))
+
+
+def paper_identity_check(rng, N: int = 7, E: int = 5, K: int = 2) -> float:
+    """|L_v(paper) - ( -(1/E) sum s^2 + (N/E) sum_j sbar_j^2 )| on a random state (the hidden balancing term)."""
+    from ..ops import topk_scores_forward
+
+    P, _ = softmax_forward(rng.standard_normal((N, E)))
+    idx = topk_indices(P, K)
+    (S, _), _ = topk_scores_forward(P, idx)
+    sbar = S.mean(axis=0)
+    rhs = -(S ** 2).sum() / E + (N / E) * (sbar ** 2).sum()
+    return abs(float(var_loss_forward(P, idx, "paper")[0]) - float(rhs))
