@@ -26,6 +26,24 @@ def test_witness_exact(N, n, k):
     assert all(isinstance(v, Fraction) for row in w.state for v in row)
 
 
+@pytest.mark.parametrize("N,n,k", [(5, 4, 2), (7, 5, 3), (12, 8, 6), (9, 3, 2), (3, 7, 3)])
+def test_support_realises_gale_ryser_degrees(N, n, k):
+    s = lemma1.balanced_support(N, n, k)
+    deg = lemma1.column_degrees(s, n)
+    assert lemma1.gale_ryser([k] * N, deg)
+    assert not lemma1.gale_ryser([k] * N, [N * k] + [0] * (n - 1))   # one column cannot take every slot
+
+
+@pytest.mark.parametrize("N,n,k,stuck", [(5, 4, 2, []), (7, 5, 3, []), (9, 3, 2, []), (3, 4, 2, [1]),
+                                         (5, 8, 2, [1, 2, 3]), (2, 4, 2, [0, 1])])
+def test_every_row_gains(N, n, k, stuck):
+    state, gaining, no_cycle, kept = lemma1.witness_all_rows(N, n, k)
+    assert kept                                                     # row sums, column sums, support: exact
+    assert no_cycle == stuck
+    assert gaining == [i for i in range(N) if i not in stuck]       # every other row gains variance
+    assert all(isinstance(v, Fraction) for row in state for v in row)
+
+
 def test_witness_rejects_bad_delta_and_input():
     with pytest.raises(ValueError, match="delta"):
         lemma1.witness(5, 4, 2, delta=Fraction(1, 2))               # would zero an entry

@@ -34,6 +34,13 @@ def _lemma1(rng):
                         f"{w.cycle}, gain 2 delta^2/k = {w.variance_gain[w.rows_on_cycle[0]]} on rows "
                         f"{w.rows_on_cycle}, 0 on the others",
                         "tests/test_lemma1.py::test_witness_exact"))
+    full = [(c, lemma1.witness_all_rows(*c)) for c in ((5, 4, 2), (7, 5, 3), (9, 3, 2), (3, 4, 2), (5, 8, 2))]
+    ok_all = all(r[3] and sorted(r[1] + r[2]) == list(range(c[0])) for c, r in full)
+    rows.append(Verdict("L1.all_rows", "Every row gains variance (statement (2) says 'each row'; one cycle covers "
+                        "only its own rows)", "HOLDS-IF" if ok_all else "FAILS",
+                        "one cycle through each row, weights delta/2^t, exact: every row with an edge on a cycle "
+                        "gains, sums and support kept; rows whose edges are all bridges cannot gain, e.g. row 1 of "
+                        f"(3,4,2) and rows {full[4][1][2]} of (5,8,2)", "tests/test_lemma1.py::test_every_row_gains"))
     w1 = lemma1.witness(6, 4, 1)
     rows.append(Verdict("L1.k1", "Lemma 1 with k = 1", "FAILS" if w1.cycle is None else "HOLDS",
                         "a row with one non-zero has variance identically 0, and its support graph is a forest "
