@@ -127,3 +127,14 @@ def test_loss_level_conflict():
     assert c["uniform_switch"] == pytest.approx(1.0, abs=1e-6)
     assert abs(c["uniform_var_code"]) < 1e-10
     assert lemma1_losses.switch_confident_floor(8, 4) == pytest.approx(1.0)   # E | N: no conflict
+
+
+def test_aux_minimum_is_not_balance():
+    m = lemma1_losses.aux_minimum_not_balanced(N=8, E=4, tau=60.0)
+    assert m["maxvio"] == 1.0                                       # expert 0 holds every token
+    assert m["aux:switch"] == pytest.approx(4 * (9 + 9 + 4) / 64, abs=1e-9)     # 1.375 < K = 2
+    assert m["aux:deepseek_batch"] == pytest.approx(1.375 / 2, abs=1e-9)        # < 1
+    assert m["aux:paper_eq2"] == pytest.approx((9 + 9 + 4) / 8, abs=1e-9)       # 2.75 < N K / E = 4
+    assert m["var_gap:code"] < 1e-9 and m["var_gap:row_topk"] < 1e-9
+    assert m["var_gap:paper"] == pytest.approx(0.1875, abs=1e-9)   # (N/E) sum_j (sbar_j - 1/E)^2 = 2 * 3/32
+    assert m["k1_uniform_maxvio"] == 3.0 and m["k1_uniform_switch"] == pytest.approx(1.0, abs=1e-12)

@@ -109,3 +109,29 @@ def paper_identity_check(rng, N: int = 7, E: int = 5, K: int = 2) -> float:
     sbar = S.mean(axis=0)
     rhs = -(S ** 2).sum() / E + (N / E) * (sbar ** 2).sum()
     return abs(float(var_loss_forward(P, idx, "paper")[0]) - float(rhs))
+
+
+def second_choice_collapse_logits(N: int, E: int, tau: float) -> np.ndarray:
+    """K = 2: every token's second choice is expert 0 (logit tau/2, P -> 0 there); first choices 1..E-1 in turn."""
+    Z = np.zeros((N, E))
+    Z[:, 0] = tau / 2
+    for i in range(N):
+        Z[i, 1 + i % (E - 1)] = tau
+    return Z
+
+
+def aux_minimum_not_balanced(N: int = 8, E: int = 4, tau: float = 60.0) -> dict:
+    """L_aux below its balanced value at unbalanced loads (K = 2), and at its balanced value with all tokens on
+    one expert (K = 1, uniform P). Returns the loss values, their balanced values and the MaxVio of each state."""
+    K = 2
+    d = evaluate(second_choice_collapse_logits(N, E, tau), K)
+    out = dict(N=N, E=E, K=K, maxvio=d["maxvio"])
+    for a in LOSS_AUX:
+        out[f"aux:{a}"] = d[f"aux:{a}"]
+        out[f"balanced:{a}"] = AUX_VARIANTS[a].balanced_value(N, E, K)
+    for v in LOSS_VAR:
+        out[f"var_gap:{v}"] = d[f"var:{v}"] - var_infimum(v, N, E, K)
+    u = evaluate(np.zeros((N, E)), 1)                           # uniform P; ties -> expert 0 for every token
+    out["k1_uniform_maxvio"] = u["maxvio"]
+    out["k1_uniform_switch"] = u["aux:switch"]
+    return out

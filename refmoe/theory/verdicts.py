@@ -91,6 +91,16 @@ def _lemma1_losses(rng):
                         f"state is {paper['collapsed_confident:var_gap']:.2f} above the infimum for 'paper' but "
                         f"{code['collapsed_confident:var_gap']:.1e} for 'code' and 'row_topk' (neutral to balance)",
                         "tests/test_lemma1.py::test_paper_form_hides_balancing"))
+    m = lemma1_losses.aux_minimum_not_balanced()
+    below = all(m[f"aux:{a}"] < m[f"balanced:{a}"] - 1e-6 for a in lemma1_losses.LOSS_AUX)
+    rows.append(Verdict("L1.aux_min", "Minimising L_aux means balanced loads (assumed when 'L_aux at its minimum' "
+                        "stands for 'balanced')", "HOLDS" if not below else "FAILS",
+                        f"K=2, N=8, E=4, every second choice on expert 0 (MaxVio {m['maxvio']}): switch "
+                        f"{m['aux:switch']:.4f} < 2, deepseek_batch {m['aux:deepseek_batch']:.4f} < 1, paper_eq2 "
+                        f"{m['aux:paper_eq2']:.3f} < 4, with L_v code/row_topk at their infima (L_v paper "
+                        f"{m['var_gap:paper']:.4f} above); K=1, uniform P, all tokens on one expert (MaxVio "
+                        f"{m['k1_uniform_maxvio']}): switch = {m['k1_uniform_switch']:.6f}, its balanced value",
+                        "tests/test_lemma1.py::test_aux_minimum_is_not_balance"))
     c = lemma1_losses.conflict_example()
     rows.append(Verdict("L1.loss_conflict", "L_aux (switch) and L_v (code) jointly minimisable when E does not "
                         "divide N (N=6, E=4, K=1)", "FAILS",
