@@ -24,6 +24,16 @@ def test_intended_claim():
     assert ic["deepseek_batch"] == pytest.approx(ic["deepseek_batch_balanced"], abs=1e-12)
 
 
+@pytest.mark.parametrize("N,D,E,K", [(8, 12, 4, 2), (12, 12, 6, 3), (5, 8, 5, 2)])
+def test_intended_claim_random_data(N, D, E, K):
+    r = lemma2.random_data_construction(np.random.default_rng(N), N=N, D=D, E=E, K=K)
+    assert len(set(r["loads"])) == 1 and sum(r["loads"]) == N * K
+    assert r["ortho_pairwise"] == 0.0 and r["min_output_norm"] > 1e-3
+    assert r["deepseek_batch"] == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="N <= D"):
+        lemma2.random_data_construction(np.random.default_rng(0), N=13, D=12, E=4, K=2)
+
+
 def test_intended_claim_outputs_orthogonal_per_token():
     x, params, cfg = lemma2.orthogonal_balanced_layer(N=10, E=5, K=3)
     _, c = moe_forward(x, params, cfg)

@@ -85,6 +85,34 @@ def intended_claim_check(N: int = 12, E: int = 4, K: int = 2) -> dict:
     return out
 
 
+def random_data_construction(rng, N: int = 8, D: int = 12, E: int = 4, K: int = 2, H: int = 3):
+    """Gaussian tokens (linearly independent: N <= D) and a router solved from them so that token i selects the
+    cyclic set {i, ..., i+K-1} mod E (logits X W_r^T = T exactly, W_r^T = pinv(X) T); expert j writes only into
+    its own block of D // E coordinates. Needs N <= D ("enough variety") and D >= E.
+    Returns a dict like ``intended_claim_check``."""
+    if N > D or D < E:
+        raise ValueError(f"needs N <= D and D >= E, got N={N}, D={D}, E={E}")
+    cfg = MoEConfig(d_model=D, d_hidden=H, n_experts=E, top_k=K)
+    x = rng.standard_normal((N, D))
+    T = np.zeros((N, E))
+    for i in range(N):
+        for t in range(K):
+            T[i, (i + t) % E] = 4.0 - t * 0.5                    # distinct selected logits, no ties
+    w_router = (np.linalg.pinv(x) @ T).T                         # [E, D]
+    b = D // E
+    w_down = np.zeros((E, H, D))
+    for j in range(E):
+        w_down[j, :, j * b:(j + 1) * b] = rng.standard_normal((H, b))
+    params = {"w_router": w_router, "w_gate": rng.standard_normal((E, D, H)) / np.sqrt(D),
+              "w_up": rng.standard_normal((E, D, H)) / np.sqrt(D), "w_down": w_down}
+    _, cache = moe_forward(x, params, cfg)
+    loads = np.bincount(cache.topk_idx.reshape(-1), minlength=E)
+    return dict(N=N, D=D, E=E, K=K, loads=loads.tolist(),
+                min_output_norm=float(np.linalg.norm(cache.expert_out, axis=-1).min()),
+                ortho_pairwise=float(ortho_loss_forward(cache.expert_out, "pairwise")[0]),
+                deepseek_batch=float(aux_loss_forward(cache.scores, cache.topk_idx, "deepseek_batch")[0]))
+
+
 # ----------------------------------------------------------------------------------------------
 # the boundary
 # ----------------------------------------------------------------------------------------------

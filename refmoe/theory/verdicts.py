@@ -118,12 +118,16 @@ def _lemma2(rng):
                         "A = B = {(0,0)}: A n B != {}, and A u B has 1 point, so no equal disjoint split",
                         "tests/test_lemma2.py::test_printed_statement_false"))
     ic = lemma2.intended_claim_check()
-    ok = ic["ortho_pairwise"] == 0.0 and ic["ortho_span"] == 0.0 and len(set(ic["loads"])) == 1
+    rd = lemma2.random_data_construction(rng)
+    ok = (ic["ortho_pairwise"] == 0.0 and ic["ortho_span"] == 0.0 and len(set(ic["loads"])) == 1
+          and rd["ortho_pairwise"] == 0.0 and len(set(rd["loads"])) == 1)
     rows.append(Verdict("L2.intended", "Intended Lemma 2: orthogonal expert outputs (L_o = 0) with exactly equal loads",
                         "HOLDS-IF" if ok else "FAILS",
                         f"constructed in refmoe's layer with D >= E (private output coordinate per expert) and "
                         f"varied tokens: L_o pairwise = span = 0.0 exactly, loads {ic['loads']}, L_aux deepseek_batch "
-                        f"{ic['deepseek_batch']:.12f} (balanced 1)", "tests/test_lemma2.py::test_intended_claim"))
+                        f"{ic['deepseek_batch']:.12f} (balanced 1); also with Gaussian tokens (N={rd['N']} <= "
+                        f"D={rd['D']}) and a router solved from them: loads {rd['loads']}, L_o = {rd['ortho_pairwise']}",
+                        "tests/test_lemma2.py::test_intended_claim"))
     it = lemma2.identical_tokens_check()
     rows.append(Verdict("L2.identical", "Intended claim with identical tokens (K < E)", "FAILS",
                         f"one top-k set for every token: loads {it['loads']}, MaxVio {it['maxvio']} = E/K - 1",
