@@ -40,8 +40,8 @@ def test_aux_blocks_and_fd():
         assert bal[f"N=7:{v}"] > 1e-3
 
 
-def test_within_layer_zero_blocks():
-    rows = audit.jacobian_blocks(np.random.default_rng(3))
+def test_within_layer_zero_blocks(backend):
+    rows = audit.jacobian_blocks(np.random.default_rng(3), backend=backend)
     assert len(rows) == 8
     for r in rows:
         assert r["x"] > 1e-3, r                                     # every loss reaches the layer input

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import to_backend, to_numpy
 from ..config import MoEConfig
 from ..gradcheck import numerical_vjp, rel_error
 from ..layer import init_params, moe_backward, moe_forward
@@ -72,10 +73,11 @@ def audit_eq8(rng, N: int = 5, K: int = 3, D: int = 4) -> dict:
 # a layer instance, and the within-layer Jacobian blocks of each loss
 # ----------------------------------------------------------------------------------------------
 
-def layer_instance(rng, N: int = 7, D: int = 5, H: int = 4, E: int = 4, K: int = 2):
+def layer_instance(rng, N: int = 7, D: int = 5, H: int = 4, E: int = 4, K: int = 2, backend: str = "numpy"):
+    """A random float64 layer and input on ``backend``; N = 7 tokens so that the loads are not balanced."""
     cfg = MoEConfig(d_model=D, d_hidden=H, n_experts=E, top_k=K)
-    params = init_params(cfg, rng, backend="numpy")
-    x = rng.standard_normal((N, D))
+    params = init_params(cfg, rng, backend=backend)
+    x = to_backend(rng.standard_normal((N, D)), backend)
     return x, params, cfg
 
 
@@ -103,12 +105,12 @@ def loss_value(x, params, cfg, loss: str, variant: str) -> float:
 
 def jacobian_blocks(rng, cases=(("aux", "switch"), ("aux", "deepseek_batch"), ("aux", "paper_eq2"),
                                 ("var", "paper"), ("var", "code"), ("var", "row_topk"),
-                                ("ortho", "pairwise"), ("ortho", "span"))) -> list[dict]:
-    """max |grad| of each loss on the router, on the experts and on x, within one layer."""
-    x, params, cfg = layer_instance(rng)
+                                ("ortho", "pairwise"), ("ortho", "span")), backend: str = "numpy") -> list[dict]:
+    """max |grad| of each loss on the router, on the experts and on x, within one layer (on ``backend``)."""
+    x, params, cfg = layer_instance(rng, backend=backend)
     rows = []
     for loss, variant in cases:
-        g = loss_grads(x, params, cfg, loss, variant)
+        g = {k: to_numpy(v) for k, v in loss_grads(x, params, cfg, loss, variant).items()}
         rows.append(dict(loss=loss, variant=variant,
                          router=float(np.abs(g["w_router"]).max()),
                          experts=max(float(np.abs(g[k]).max()) for k in EXPERT_KEYS),
