@@ -170,7 +170,9 @@ def witness(N: int, n: int, k: int, delta=None) -> Witness:
     def csum(m):
         return [sum((m[i][j] for i in range(N)), Fraction(0)) for j in range(n)]
 
-    nz = lambda m: [[j for j in range(n) if m[i][j] != 0] for i in range(N)]   # noqa: E731
+    def nz(m):
+        return [[j for j in range(n) if m[i][j] != 0] for i in range(N)]
+
     gain = [row_variance([state[i][j] for j in support[i]]) - row_variance([start[i][j] for j in support[i]])
             for i in range(N)]
     target = Fraction(N, n)

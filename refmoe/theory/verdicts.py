@@ -157,7 +157,9 @@ def _audit(rng):
                         f"matches FD to {e9['fd_error_exact']:.0e}, paper's form off by {e9['fd_error_paper']:.3f}",
                         "tests/test_audit.py::test_eq9_ratio"))
     e8s = [audit.audit_eq8(rng, N=5, K=K, D=4) for K in (2, 3, 3, 4, 4)]
-    rng_ = lambda key: f"{min(e[key] for e in e8s):.2f}-{max(e[key] for e in e8s):.2f}"   # noqa: E731
+    def rng_(key):
+        return f"{min(e[key] for e in e8s):.2f}-{max(e[key] for e in e8s):.2f}"
+
     rows.append(Verdict("G.eq8", "Eq. 8: dL_o/dx_ij = beta sum_k x_k x_k^T x_j/(<x_k,x_k>+eps)", "REFUTED",
                         f"5 random instances (K = 2..4): exact backward matches FD to "
                         f"{max(e['fd_error_exact'] for e in e8s):.0e}; Eq. 8 rel. error {rng_('fd_error_paper')}, "
