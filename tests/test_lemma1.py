@@ -138,3 +138,13 @@ def test_aux_minimum_is_not_balance():
     assert m["var_gap:code"] < 1e-9 and m["var_gap:row_topk"] < 1e-9
     assert m["var_gap:paper"] == pytest.approx(0.1875, abs=1e-9)   # (N/E) sum_j (sbar_j - 1/E)^2 = 2 * 3/32
     assert m["k1_uniform_maxvio"] == 3.0 and m["k1_uniform_switch"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_descent_search():
+    rng = np.random.default_rng(0)
+    runs = [r for a in ("switch", "paper_eq2") for v in ("paper", "code")
+            for r in lemma1_losses.descent_search(a, v, rng, steps=300, restarts=3)]
+    assert all(r["end"] < r["start"] for r in runs)                 # descent works
+    assert all(r["var_gap"] < 0.2 for r in runs)                    # L_v near its infimum: confident routing
+    assert any(r["maxvio"] > 0 for r in runs)                       # yet the loads are not all balanced
+    assert any(r["aux_gap"] <= 1e-3 and r["maxvio"] > 0 for r in runs)   # L_aux 'balanced' without balance

@@ -135,3 +135,39 @@ def aux_minimum_not_balanced(N: int = 8, E: int = 4, tau: float = 60.0) -> dict:
     out["k1_uniform_maxvio"] = u["maxvio"]
     out["k1_uniform_switch"] = u["aux:switch"]
     return out
+
+
+def descent_search(aux: str, var: str, rng, N: int = 8, E: int = 4, K: int = 2, steps: int = 600,
+                   lr: float = 2.0, restarts: int = 4) -> list[dict]:
+    """Gradient descent on the logits Z of L_aux / balanced value + L_v / |infimum| from random starts.
+
+    Gradients by refmoe's backward passes (aux/var -> d_scores -> softmax backward); the top-k sets are
+    re-chosen at every step. Returns, per restart, the objective at the start and the end, the final gaps
+    (L_aux / balanced - 1, L_v / |infimum| + 1, so 0 means 'at the balanced value / at the infimum') and MaxVio.
+    Exploratory: where descent ends depends on the start; the verdicts rest on the exact constructions above.
+    """
+    from ..losses.aux import aux_loss_backward
+    from ..losses.variance import var_loss_backward
+    from ..ops import softmax_backward
+
+    bal, inf = AUX_VARIANTS[aux].balanced_value(N, E, K), abs(var_infimum(var, N, E, K))
+
+    def step(Z):
+        P, _ = softmax_forward(Z)
+        idx = topk_indices(P, K)
+        la, ca = aux_loss_forward(P, idx, aux)
+        lv, cv = var_loss_forward(P, idx, var)
+        dP = aux_loss_backward(1.0 / bal, ca) + var_loss_backward(1.0 / inf, cv)
+        return float(la) / bal + float(lv) / inf, float(la), float(lv), softmax_backward(dP, P), idx
+
+    runs = []
+    for _ in range(restarts):
+        Z = rng.standard_normal((N, E))
+        j0 = step(Z)[0]
+        for _ in range(steps):
+            Z = Z - lr * step(Z)[3]
+        j1, la, lv, _, idx = step(Z)
+        loads = np.bincount(idx.reshape(-1), minlength=E)
+        runs.append(dict(start=j0, end=j1, aux_gap=la / bal - 1, var_gap=lv / inf + 1,
+                         maxvio=float(loads.max() / (N * K / E) - 1)))
+    return runs

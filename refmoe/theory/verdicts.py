@@ -101,6 +101,16 @@ def _lemma1_losses(rng):
                         f"{m['var_gap:paper']:.4f} above); K=1, uniform P, all tokens on one expert (MaxVio "
                         f"{m['k1_uniform_maxvio']}): switch = {m['k1_uniform_switch']:.6f}, its balanced value",
                         "tests/test_lemma1.py::test_aux_minimum_is_not_balance"))
+    runs = [r for a in lemma1_losses.LOSS_AUX for v in lemma1_losses.LOSS_VAR
+            for r in lemma1_losses.descent_search(a, v, rng)]
+    fooled = sum(1 for r in runs if r["aux_gap"] <= 1e-3 and r["maxvio"] > 0)
+    rows.append(Verdict("L1.loss_descent", "Gradient descent on L_aux/balanced + L_v/|inf| (9 form pairs x 4 random "
+                        "starts, N=8, E=4, K=2) finds the balanced joint optimum", "FAILS",
+                        f"{sum(1 for r in runs if r['maxvio'] == 0)}/{len(runs)} runs end balanced; {fooled} end with "
+                        f"L_aux at or below its balanced value while MaxVio > 0 (up to "
+                        f"{max(r['maxvio'] for r in runs)}); runs lowering their objective: "
+                        f"{sum(1 for r in runs if r['end'] < r['start'])}/{len(runs)}",
+                        "tests/test_lemma1.py::test_descent_search"))
     c = lemma1_losses.conflict_example()
     rows.append(Verdict("L1.loss_conflict", "L_aux (switch) and L_v (code) jointly minimisable when E does not "
                         "divide N (N=6, E=4, K=1)", "FAILS",
