@@ -1,0 +1,60 @@
+"""``refmoe lemmas``: one verdict per claim, the verdicts pinned, each backed by a test that exists and named in
+the theory notes, and the figure written."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from refmoe.cli import main
+from refmoe.theory.verdicts import all_verdicts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXPECTED = {
+    "L1.witness": "HOLDS", "L1.all_rows": "HOLDS-IF", "L1.k1": "FAILS", "L1.cycle": "HOLDS-IF", "L1.exact_balance": "FAILS",
+    "L1.opt": "HOLDS-IF", "L1.loss_joint": "HOLDS", "L1.hidden_balance": "CONFIRMED", "L1.loss_conflict": "FAILS", "L1.aux_min": "FAILS", "L1.loss_descent": "FAILS",
+    "L2.printed": "FAILS", "L2.intended": "HOLDS-IF", "L2.identical": "FAILS", "L2.types": "HOLDS-IF",
+    "L2.D_lt_K": "FAILS", "L2.tradeoff": "FAILS",
+    "G.eq9_10": "REFUTED", "G.eq8": "REFUTED", "G.eq3_4": "CONFIRMED", "G.disjoint": "CONFIRMED",
+    "G.cross_layer": "REFUTED", "G.eq20_28": "NOT-AUDITED",
+}
+NOTES = {"L1": "theory/lemma1.md", "L2": "theory/lemma2.md", "G": "theory/gradient-audit.md"}
+
+
+@pytest.fixture(scope="module")
+def verdicts():
+    return all_verdicts(0)
+
+
+def test_every_claim_has_a_verdict(verdicts):
+    assert {v.id: v.verdict for v in verdicts} == EXPECTED
+
+
+def test_each_verdict_names_an_existing_test_and_a_note(verdicts):
+    for v in verdicts:
+        path, name = v.test.split("::")
+        assert re.search(rf"def {name}\(", (ROOT / path).read_text()), v.test
+        note = (ROOT / NOTES[v.id.split(".")[0]]).read_text()
+        assert v.id in note and name in note, (v.id, NOTES[v.id.split(".")[0]])
+        assert f"{v.id}` | {v.verdict}" in note, f"{v.id}: the note's verdict differs from {v.verdict}"
+
+
+def test_cli_table_and_json(capsys, tmp_path):
+    assert main(["lemmas", "--figure", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for vid, word in EXPECTED.items():
+        assert re.search(rf"^{re.escape(vid)}\s+{word}\s", out, re.M), vid
+    png = tmp_path / "lemma1_tradeoff.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["lemmas", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {v["id"]: v["verdict"] for v in data["verdicts"]} == EXPECTED
+    assert data["figure"] is None and all(v["evidence"] for v in data["verdicts"])
+
+
+def test_figure_file_path(tmp_path):
+    path = tmp_path / "sub" / "trade.png"
+    path.parent.mkdir()
+    assert main(["lemmas", "--figure", str(path), "--json"]) == 0
+    assert path.exists() and path.stat().st_size > 1000
