@@ -26,6 +26,11 @@ def test_ci_runs_the_readme_test_command_verbatim():
 def test_api_tour_runs(capsys):
     code = re.search(r"## A tour of the API\n\n```python\n(.*?)```", README, re.S).group(1)
     assert len(code.strip().splitlines()) <= 20
-    exec(compile(code, "README.md", "exec"), {})
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
     out = capsys.readouterr().out.strip().splitlines()
     assert float(out[-1]) < 1e-7  # the gradient check printed by the tour (measured ~3e-10)
+    objective_block = re.findall(r"```python\n(.*?)```", README, re.S)[1]
+    exec(compile(objective_block, "README.md", "exec"), namespace)  # continues the tour's variables
+    res = namespace["res"]
+    assert float(res.losses["ortho"]) > 0 and res.grads["total"]["x"].shape == (32, 8)
