@@ -67,10 +67,9 @@ def _bars(ax, summary_p, combos, key, title):
     ax.grid(axis="y", alpha=0.3)
 
 
-def fig_specialization(summary: dict, combos=FIG3_COMBOS):
+def _bar_grid(summary: dict, combos, keys):
+    """One row of bar charts per preset, one column per (metric key, title)."""
     plt = _plt()
-    keys = [("overlap", "expert overlap (Eq. 41)"), ("silhouette", "silhouette (Eq. 38)"),
-            ("rv_per_token", "routing variance, per token"), ("rv_eq42", "routing variance, Eq. 42")]
     presets = list(summary)
     fig, axes = plt.subplots(len(presets), len(keys), figsize=(3.2 * len(keys), 3.0 * len(presets)), squeeze=False)
     for i, p in enumerate(presets):
@@ -78,33 +77,41 @@ def fig_specialization(summary: dict, combos=FIG3_COMBOS):
             _bars(axes[i][j], summary[p], combos, k, f"{p}: {t}")
     fig.tight_layout()
     return fig
+
+
+def fig_specialization(summary: dict, combos=FIG3_COMBOS):
+    return _bar_grid(summary, combos, [("overlap", "expert overlap (Eq. 41)"), ("silhouette", "silhouette (Eq. 38)"),
+                                       ("rv_per_token", "routing variance, per token"),
+                                       ("rv_eq42", "routing variance, Eq. 42")])
 
 
 def fig_ablation(summary: dict, combos=ABLATION_COMBOS):
-    plt = _plt()
-    keys = [("overlap", "expert overlap"), ("rv_per_token", "routing variance (per token)"),
-            ("maxvio_global", "MaxVio_global"), ("task", "L_h (narrow, held out)")]
-    presets = list(summary)
-    fig, axes = plt.subplots(len(presets), len(keys), figsize=(3.2 * len(keys), 3.0 * len(presets)), squeeze=False)
-    for i, p in enumerate(presets):
-        for j, (k, t) in enumerate(keys):
-            _bars(axes[i][j], summary[p], combos, k, f"{p}: {t}")
-    fig.tight_layout()
-    return fig
+    return _bar_grid(summary, combos, [("overlap", "expert overlap"), ("rv_per_token", "routing variance (per token)"),
+                                       ("maxvio_global", "MaxVio_global"), ("task", "L_h (narrow, held out)")])
 
 
 def _matrix(m):
     return np.asarray([[math.nan if v is None else v for v in row] for row in m], dtype=np.float64)
 
 
-def fig_grad_cosine(summary: dict, combo: str = "aux+ortho+var"):
+GROUPS = ("router", "experts", "input")
+
+
+def _alignment_axes(summary: dict, combo: str, width: float, row_height: float, title: str):
+    """Presets that logged gradient alignment for ``combo``, and a figure with one row of 3 axes per preset."""
     plt = _plt()
     presets = [p for p in summary if combo in summary[p] and summary[p][combo]["alignment"]]
-    groups = ("router", "experts", "input")
-    fig, axes = plt.subplots(max(1, len(presets)), 3, figsize=(11, 3.4 * max(1, len(presets))), squeeze=False,
-                             layout="constrained")
-    fig.suptitle(f"cosine of the per-term gradients, {combo}, mean over logged steps and seeds "
-                 "('zero': that term's gradient is exactly zero there)", fontsize=9)
+    n = max(1, len(presets))
+    fig, axes = plt.subplots(n, len(GROUPS), figsize=(width, row_height * n), squeeze=False, layout="constrained")
+    fig.suptitle(title, fontsize=9)
+    return presets, fig, axes
+
+
+def fig_grad_cosine(summary: dict, combo: str = "aux+ortho+var"):
+    presets, fig, axes = _alignment_axes(
+        summary, combo, 11, 3.4, f"cosine of the per-term gradients, {combo}, mean over logged steps and seeds "
+                                 "('zero': that term's gradient is exactly zero there)")
+    groups = GROUPS
     for i, p in enumerate(presets):
         al = summary[p][combo]["alignment"]
         for j, g in enumerate(groups):
@@ -126,13 +133,10 @@ def fig_grad_cosine(summary: dict, combo: str = "aux+ortho+var"):
 
 
 def fig_grad_cosine_steps(summary: dict, combo: str = "aux+ortho+var"):
-    plt = _plt()
-    presets = [p for p in summary if combo in summary[p] and summary[p][combo]["alignment"]]
-    groups = ("router", "experts", "input")
-    fig, axes = plt.subplots(max(1, len(presets)), 3, figsize=(12, 3.0 * max(1, len(presets))), squeeze=False,
-                             layout="constrained")
-    fig.suptitle(f"cosine of per-term gradients over fine-tuning, {combo}, mean over seeds "
-                 "(white: a gradient is exactly zero)", fontsize=9)
+    presets, fig, axes = _alignment_axes(
+        summary, combo, 12, 3.0, f"cosine of per-term gradients over fine-tuning, {combo}, mean over seeds "
+                                 "(white: a gradient is exactly zero)")
+    groups = GROUPS
     for i, p in enumerate(presets):
         al = summary[p][combo]["alignment"]
         for j, g in enumerate(groups):

@@ -11,6 +11,7 @@ from refmoe.losses.variance import var_loss_forward
 from refmoe.ops import softmax_forward, topk_indices
 
 from helpers import host, on
+from torch_oracles import released_span_total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,17 +148,7 @@ def test_matches_the_released_rule_in_torch(rng):
     # the released computation: W_r tiled over the B sequences as a [B, E, D] "expert output" batch; the
     # span loss loops over the first K slots, Gram-Schmidt over all the other E - 1, divided by K * B
     wt = torch.tensor(w).unsqueeze(0).expand(B, -1, -1)
-    total = 0.0
-    for i in range(K):
-        others = torch.cat([wt[:, :i], wt[:, i + 1:]], dim=1)
-        basis = []
-        for j in range(others.size(1)):
-            v = others[:, j]
-            for u in basis:
-                v = v - (u * v).sum(dim=-1, keepdim=True) * u
-            basis.append(v / (torch.norm(v, dim=-1, keepdim=True) + 1e-6))
-        for u in basis:
-            total = total + torch.sum(((u * wt[:, i]).sum(dim=-1, keepdim=True) * u) ** 2)
+    total = released_span_total(torch, wt, K)
     r_o = total / (K * B)
     scores = torch.nn.functional.linear(torch.tensor(h).view(-1, D), torch.tensor(w)).softmax(dim=-1)
     r_v = torch.var(scores, dim=-1).mean()

@@ -6,6 +6,7 @@ from refmoe import gradcheck
 from refmoe.losses.ortho import ORTHO_VARIANTS, ortho_loss_backward, ortho_loss_forward, paper_eq8_gradient
 from refmoe.losses.ortho_span import span_closed_form_per_token
 
+from torch_oracles import released_span_total
 from helpers import assert_all_below, host, on
 
 # pass marks (float64, h = 1e-6): measured ~1e-10 for every form; span's mark is the looser one of the spec
@@ -262,18 +263,7 @@ def _released_grouping_torch(torch, expert_out, topk_idx, n_experts):
 def _released_span_torch(torch, grouped):
     """The released per-slot Gram-Schmidt projection loss on [rows, K, D], divided by K * rows."""
     K = grouped.size(1)
-    total = 0.0
-    for i in range(K):
-        others = torch.cat([grouped[:, :i], grouped[:, i + 1:]], dim=1)
-        basis = []
-        for j in range(others.size(1)):
-            v = others[:, j]
-            for u in basis:
-                v = v - (u * v).sum(dim=-1, keepdim=True) * u
-            basis.append(v / (torch.norm(v, dim=-1, keepdim=True) + 1e-6))
-        for u in basis:
-            total = total + torch.sum(((u * grouped[:, i]).sum(dim=-1, keepdim=True) * u) ** 2)
-    return total / (K * grouped.size(0))
+    return released_span_total(torch, grouped, K) / (K * grouped.size(0))
 
 
 @pytest.mark.parametrize("variant", ["span", "span_code_grouping"])
