@@ -16,30 +16,39 @@ from .layer import init_params, moe_backward, moe_forward
 from .losses.aux import AUX_VARIANTS, aux_loss_backward, aux_loss_forward
 
 
-def _aux_check(variant):
-    def loss_on_cache(cache):
-        n = cache.scores.shape[0]
-        value, c = aux_loss_forward(cache.scores, cache.topk_idx, variant, batch_shape=(1, n))
-        return value, aux_loss_backward(1.0, c), None
-    return f"L_aux[{variant}] through the layer", loss_on_cache
+LOSS_NAMES = {"aux": "L_aux", "ortho": "L_o", "var": "L_v"}
+
+
+def cache_loss(loss: str, variant: str):
+    """Loss ``loss`` ("aux", "ortho" or "var") in form ``variant`` as a function of the layer's cache:
+    ``cache -> (value, d_scores, d_expert_out)`` with the gradient for dloss = 1 on the intermediate the loss
+    reads (the other is None). Batch-scoped forms see the whole batch as one sequence."""
+    from .losses import ortho, variance
+
+    if loss == "aux":
+        def on_cache(cache):
+            value, c = aux_loss_forward(cache.scores, cache.topk_idx, variant, batch_shape=(1, cache.scores.shape[0]))
+            return value, aux_loss_backward(1.0, c), None
+    elif loss == "ortho":
+        def on_cache(cache):
+            value, c = ortho.ortho_loss_forward(cache.expert_out, variant, topk_idx=cache.topk_idx)
+            return value, None, ortho.ortho_loss_backward(1.0, c)
+    elif loss == "var":
+        def on_cache(cache):
+            value, c = variance.var_loss_forward(cache.scores, cache.topk_idx, variant)
+            return value, variance.var_loss_backward(1.0, c), None
+    else:
+        raise ValueError(f"loss={loss!r} is not one of {sorted(LOSS_NAMES)}")
+    return on_cache
 
 
 def loss_checks() -> list:
-    """Every loss check available in this install: L_aux forms, then L_o and L_v forms."""
-    checks = [_aux_check(v) for v in sorted(AUX_VARIANTS)]
+    """``(name, loss_on_cache)`` for every loss form in this install: L_aux forms, then L_o and L_v forms."""
     from .losses import ortho, variance
 
-    for v in ortho.ORTHO_VARIANTS:
-        def loss_on_cache(cache, v=v):
-            value, c = ortho.ortho_loss_forward(cache.expert_out, v, topk_idx=cache.topk_idx)
-            return value, None, ortho.ortho_loss_backward(1.0, c)
-        checks.append((f"L_o[{v}] through the layer", loss_on_cache))
-    for v in variance.VAR_VARIANTS:
-        def loss_on_cache(cache, v=v):
-            value, c = variance.var_loss_forward(cache.scores, cache.topk_idx, v)
-            return value, variance.var_loss_backward(1.0, c), None
-        checks.append((f"L_v[{v}] through the layer", loss_on_cache))
-    return checks
+    forms = ([("aux", v) for v in sorted(AUX_VARIANTS)] + [("ortho", v) for v in ortho.ORTHO_VARIANTS]
+             + [("var", v) for v in variance.VAR_VARIANTS])
+    return [(f"{LOSS_NAMES[loss]}[{v}] through the layer", cache_loss(loss, v)) for loss, v in forms]
 
 
 def run_all_checks(cfg: MoEConfig, n_tokens: int, *, backend: str = "numpy", seed: int = 0) -> list:

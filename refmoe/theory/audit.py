@@ -17,10 +17,10 @@ import numpy as np
 from ..backend import to_backend, to_numpy
 from ..config import MoEConfig
 from ..gradcheck import numerical_vjp, rel_error
+from ..checks import cache_loss
 from ..layer import init_params, moe_backward, moe_forward
-from ..losses.aux import aux_loss_backward, aux_loss_forward
 from ..losses.ortho import ortho_loss_backward, ortho_loss_forward, paper_eq8_gradient
-from ..losses.variance import paper_eq9_gradient, var_loss_backward, var_loss_forward
+from ..losses.variance import paper_eq9_gradient
 from ..ops import softmax_forward, topk_indices, topk_scores_forward
 
 EXPERT_KEYS = ("w_gate", "w_up", "w_down")
@@ -84,23 +84,13 @@ def layer_instance(rng, N: int = 7, D: int = 5, H: int = 4, E: int = 4, K: int =
 def loss_grads(x, params, cfg, loss: str, variant: str):
     """Gradients of one loss w.r.t. x and every parameter of the layer, via moe_backward with dy = None."""
     _, c = moe_forward(x, params, cfg)
-    if loss == "aux":
-        _, lc = aux_loss_forward(c.scores, c.topk_idx, variant)
-        return moe_backward(None, c, d_scores=aux_loss_backward(1.0, lc))
-    if loss == "var":
-        _, lc = var_loss_forward(c.scores, c.topk_idx, variant)
-        return moe_backward(None, c, d_scores=var_loss_backward(1.0, lc))
-    _, lc = ortho_loss_forward(c.expert_out, variant)
-    return moe_backward(None, c, d_expert_out=ortho_loss_backward(1.0, lc))
+    _, d_scores, d_expert_out = cache_loss(loss, variant)(c)
+    return moe_backward(None, c, d_scores=d_scores, d_expert_out=d_expert_out)
 
 
 def loss_value(x, params, cfg, loss: str, variant: str) -> float:
     _, c = moe_forward(x, params, cfg)
-    if loss == "aux":
-        return float(aux_loss_forward(c.scores, c.topk_idx, variant)[0])
-    if loss == "var":
-        return float(var_loss_forward(c.scores, c.topk_idx, variant)[0])
-    return float(ortho_loss_forward(c.expert_out, variant)[0])
+    return float(cache_loss(loss, variant)(c)[0])
 
 
 def jacobian_blocks(rng, cases=(("aux", "switch"), ("aux", "deepseek_batch"), ("aux", "paper_eq2"),
