@@ -6,7 +6,8 @@ from .losses import AUX_VARIANTS, aux_loss_backward, aux_loss_forward
 from .losses import ORTHO_VARIANTS, ortho_loss_backward, ortho_loss_forward
 from .losses import VAR_VARIANTS, var_loss_backward, var_loss_forward
 from . import gradcheck
-from .objective import PRESETS, Objective, ObjectiveResult, get_objective, objective_forward_backward
+from .objective import (PRESETS, Objective, ObjectiveCache, ObjectiveResult, get_objective, objective_backward,
+                        objective_forward, objective_forward_backward)
 from .autoscale import AutoscaleReport, autoscale_weights
 
 __version__ = "0.1.0"
@@ -16,7 +17,8 @@ __all__ = [
     "aux_loss_forward", "aux_loss_backward", "AUX_VARIANTS",
     "ortho_loss_forward", "ortho_loss_backward", "ORTHO_VARIANTS",
     "var_loss_forward", "var_loss_backward", "VAR_VARIANTS",
-    "Objective", "ObjectiveResult", "PRESETS", "get_objective", "objective_forward_backward",
+    "Objective", "ObjectiveCache", "ObjectiveResult", "PRESETS", "get_objective", "objective_forward_backward",
+    "objective_forward", "objective_backward",
     "AutoscaleReport", "autoscale_weights",
     "gradcheck", "get_xp", "backend_name", "array_namespace", "to_numpy", "to_backend", "cupy_available",
     "__version__",

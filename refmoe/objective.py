@@ -200,6 +200,75 @@ def _check_task_loss(task_loss, xp):
     return task_loss.reshape(())
 
 
+class ObjectiveCache(NamedTuple):
+    """What :func:`objective_backward` needs from :func:`objective_forward`."""
+    obj: Objective
+    y: object               # [N, D] layer output
+    cache: MoECache         # the layer's cache
+    values: dict            # 'aux', 'ortho', 'var': unweighted 0-d arrays
+    loss_caches: tuple      # (aux, ortho, var) caches of the three losses
+
+
+def objective_forward(x, params: dict, cfg: MoEConfig, objective="paper", *, valid_mask=None, batch_shape=None):
+    """Layer forward and the three regularisers.  x: [N, D] -> (y [N, D], ObjectiveCache).
+
+    Use it with :func:`objective_backward` when the task gradient dy depends on y (a training step);
+    :func:`objective_forward_backward` is the two in one call. Arguments as there.
+    """
+    obj = get_objective(objective)
+    if not obj.is_calibrated:
+        raise ValueError(
+            f"objective {obj.name!r} has pending auto-scaled weights (beta={obj.beta}, gamma={obj.gamma}); "
+            "calibrate them with refmoe.autoscale_weights(x, params, cfg, objective).objective, "
+            "or set them with objective.replace(beta=..., gamma=...)")
+    y, cache = moe_forward(x, params, cfg)                                   # y [N, D]
+    xp = array_namespace(x)
+    N = x.shape[0]
+    check_mask(valid_mask, N, xp)
+    mask = valid_mask if obj.padding == "exclude" else None
+    batch_shape = resolve_batch_shape(batch_shape, N)
+
+    # the three regularisers on the layer's intermediates
+    l_aux, aux_cache = aux_loss_forward(cache.scores, cache.topk_idx, obj.aux_variant,
+                                        valid_mask=mask, batch_shape=batch_shape)
+    l_ortho, ortho_cache = ortho_loss_forward(cache.expert_out, obj.ortho_loss_variant, eps=obj.ortho_eps,
+                                              topk_idx=cache.topk_idx, valid_mask=mask)
+    l_var, var_cache = var_loss_forward(cache.scores, cache.topk_idx, obj.var_variant, valid_mask=mask)
+    values = {"aux": l_aux, "ortho": l_ortho, "var": l_var}
+    return y, ObjectiveCache(obj, y, cache, values, (aux_cache, ortho_cache, var_cache))
+
+
+def objective_backward(dy, ocache: ObjectiveCache, *, task_loss=None, per_term: bool = True) -> ObjectiveResult:
+    """Gradients of every term from the task gradient dy [N, D] (or None) and the forward's cache.
+
+    Returns ObjectiveResult(y, cache, losses, grads) as :func:`objective_forward_backward` does.
+    """
+    if not isinstance(per_term, bool):
+        raise TypeError("per_term must be a bool")
+    obj, cache = ocache.obj, ocache.cache
+    aux_cache, ortho_cache, var_cache = ocache.loss_caches
+    task_loss = _check_task_loss(task_loss, array_namespace(cache.x))
+    l_aux, l_ortho, l_var = (ocache.values[k] for k in ("aux", "ortho", "var"))
+    regularisers = obj.alpha * l_aux + obj.beta * l_ortho + obj.gamma * l_var
+    total = regularisers if task_loss is None else task_loss + regularisers
+    losses = {"task": task_loss, "aux": l_aux, "ortho": l_ortho, "var": l_var,
+              "regularisers": regularisers, "total": total}
+
+    # their gradients on the intermediates, each already weighted (dloss = its coefficient)
+    d_scores_aux = aux_loss_backward(float(obj.alpha), aux_cache)            # [N, E]
+    d_expert_out = ortho_loss_backward(float(obj.beta), ortho_cache)         # [N, K, D]
+    d_scores_var = var_loss_backward(float(obj.gamma), var_cache)            # [N, E]
+
+    grads = {}
+    if per_term:
+        grads["task"] = moe_backward(dy, cache)
+        grads["aux"] = moe_backward(None, cache, d_scores=d_scores_aux)
+        grads["ortho"] = moe_backward(None, cache, d_expert_out=d_expert_out)
+        grads["var"] = moe_backward(None, cache, d_scores=d_scores_var)
+    grads["total"] = moe_backward(dy, cache, d_scores=d_scores_aux + d_scores_var, d_expert_out=d_expert_out)
+    return ObjectiveResult(ocache.y, cache, losses, grads)
+
+
 def objective_forward_backward(x, params: dict, cfg: MoEConfig, dy=None, objective="paper", *,
                                task_loss=None, valid_mask=None, batch_shape=None,
                                per_term: bool = True) -> ObjectiveResult:
@@ -221,43 +290,7 @@ def objective_forward_backward(x, params: dict, cfg: MoEConfig, dy=None, objecti
     Gradients reach the parameters through the layer's backward: L_aux and L_v inject d_scores [N, E]
     (into the full softmax), L_o injects d_expert_out [N, K, D]; the top-k indices have zero gradient.
     """
-    obj = get_objective(objective)
-    if not obj.is_calibrated:
-        raise ValueError(
-            f"objective {obj.name!r} has pending auto-scaled weights (beta={obj.beta}, gamma={obj.gamma}); "
-            "calibrate them with refmoe.autoscale_weights(x, params, cfg, objective).objective, "
-            "or set them with objective.replace(beta=..., gamma=...)")
     if not isinstance(per_term, bool):
         raise TypeError("per_term must be a bool")
-    y, cache = moe_forward(x, params, cfg)                                   # y [N, D]
-    xp = array_namespace(x)
-    N = x.shape[0]
-    check_mask(valid_mask, N, xp)
-    mask = valid_mask if obj.padding == "exclude" else None
-    batch_shape = resolve_batch_shape(batch_shape, N)
-    task_loss = _check_task_loss(task_loss, xp)
-
-    # the three regularisers on the layer's intermediates
-    l_aux, aux_cache = aux_loss_forward(cache.scores, cache.topk_idx, obj.aux_variant,
-                                        valid_mask=mask, batch_shape=batch_shape)
-    l_ortho, ortho_cache = ortho_loss_forward(cache.expert_out, obj.ortho_loss_variant, eps=obj.ortho_eps,
-                                              topk_idx=cache.topk_idx, valid_mask=mask)
-    l_var, var_cache = var_loss_forward(cache.scores, cache.topk_idx, obj.var_variant, valid_mask=mask)
-    regularisers = obj.alpha * l_aux + obj.beta * l_ortho + obj.gamma * l_var
-    total = regularisers if task_loss is None else task_loss + regularisers
-    losses = {"task": task_loss, "aux": l_aux, "ortho": l_ortho, "var": l_var,
-              "regularisers": regularisers, "total": total}
-
-    # their gradients on the intermediates, each already weighted (dloss = its coefficient)
-    d_scores_aux = aux_loss_backward(float(obj.alpha), aux_cache)            # [N, E]
-    d_expert_out = ortho_loss_backward(float(obj.beta), ortho_cache)         # [N, K, D]
-    d_scores_var = var_loss_backward(float(obj.gamma), var_cache)            # [N, E]
-
-    grads = {}
-    if per_term:
-        grads["task"] = moe_backward(dy, cache)
-        grads["aux"] = moe_backward(None, cache, d_scores=d_scores_aux)
-        grads["ortho"] = moe_backward(None, cache, d_expert_out=d_expert_out)
-        grads["var"] = moe_backward(None, cache, d_scores=d_scores_var)
-    grads["total"] = moe_backward(dy, cache, d_scores=d_scores_aux + d_scores_var, d_expert_out=d_expert_out)
-    return ObjectiveResult(y, cache, losses, grads)
+    _, ocache = objective_forward(x, params, cfg, objective, valid_mask=valid_mask, batch_shape=batch_shape)
+    return objective_backward(dy, ocache, task_loss=task_loss, per_term=per_term)

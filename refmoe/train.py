@@ -5,7 +5,7 @@ Dimension letters: N tokens, D model width, E routed experts, K top-k.
 The model is one residual MoE block with shared experts, out = x + MoE(x), fitted to the per-cluster teachers
 of ``refmoe.data`` with the task loss L_h = (1/(N D)) sum_i ||out_i - t_i||^2 (``data.mse_forward``). Its gradient
 dy = dL_h/dout is computed by hand and passed, with the regularisers of an ``Objective``, to
-``objective_forward_backward``; the update is the hand-written Adam of ``refmoe.optim``.
+``objective_forward`` / ``objective_backward``; the update is the hand-written Adam of ``refmoe.optim``.
 
 Phase 1 (pre-training) uses the broad mixture with L_h + alpha L_aux. Phase 2 starts from that checkpoint, with
 fresh Adam moments, and fine-tunes on the narrow domain under one loss combination (``COMBOS``).
@@ -21,9 +21,9 @@ from .alignment import GROUPS, cosine_matrix, gradient_norms, routing_discrimina
 from .backend import to_numpy
 from .config import MoEConfig
 from .evaluate import evaluate
-from .layer import init_params, moe_forward
+from .layer import init_params
 from .metrics import max_vio
-from .objective import PRESETS, Objective, objective_forward_backward
+from .objective import PRESETS, Objective, objective_backward, objective_forward
 from .optim import AdamConfig, adam_init, adam_step
 
 # name -> (use L_aux, use L_o, use L_v)
@@ -78,13 +78,12 @@ def train_step(params: dict, opt_state, batch: D_.Batch, cfg: MoEConfig, objecti
                adam: AdamConfig, *, per_term: bool = False):
     """One update on one batch.  Returns (params, opt_state, ObjectiveResult, task loss, dy [N, D]).
 
-    The layer runs twice: once to get out = x + y and dy = dL_h/dout (the residual passes dy to y unchanged),
-    once inside the objective with that dy.
+    The block is out = x + y; the residual passes dy = dL_h/dout to y unchanged.
     """
-    y, _ = moe_forward(batch.x, params, cfg)
+    y, ocache = objective_forward(batch.x, params, cfg, objective)
     task, r = D_.mse_forward(batch.x + y, batch.target)
     dy = D_.mse_backward(1.0, r)                                                  # [N, D]
-    res = objective_forward_backward(batch.x, params, cfg, dy, objective, task_loss=task, per_term=per_term)
+    res = objective_backward(dy, ocache, task_loss=task, per_term=per_term)
     params, opt_state = adam_step(params, res.grads["total"], opt_state, adam)
     return params, opt_state, res, _f(task), dy
 

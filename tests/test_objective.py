@@ -268,3 +268,24 @@ def test_get_objective_errors():
         get_objective("authors")
     with pytest.raises(TypeError, match="preset name or an Objective"):
         get_objective(3)
+
+
+@pytest.mark.parametrize("case", ["paper", "authors_code"])
+def test_forward_backward_pair_equals_the_one_call(xp, case):
+    """objective_forward + objective_backward (for a dy that depends on y) is objective_forward_backward."""
+    from refmoe import objective_backward, objective_forward
+
+    x, params, dy = _problem(xp)
+    obj = get_objective(case)
+    obj = obj if obj.is_calibrated else obj.replace(beta=1e-4, gamma=0.1)
+    y, ocache = objective_forward(x, params, CFG, obj, batch_shape=(2, 3))
+    split = objective_backward(dy, ocache, task_loss=2.0)
+    whole = objective_forward_backward(x, params, CFG, dy, obj, batch_shape=(2, 3), task_loss=2.0)
+    assert (host(split.y) == host(whole.y)).all() and split.y is y
+    for k in whole.losses:
+        assert float(split.losses[k]) == float(whole.losses[k]), k
+    for term, grads in whole.grads.items():
+        for name, g in grads.items():
+            np.testing.assert_array_equal(host(split.grads[term][name]), host(g), err_msg=f"{term}:{name}")
+    with pytest.raises(TypeError, match="per_term"):
+        objective_backward(dy, ocache, per_term=1)
