@@ -163,7 +163,7 @@ def mutual_information(a, b, *, normalized: bool = False) -> float:
 
     normalized=True divides by H(A) (the first argument; 1 = B determines A; 0 if H(A) = 0).
     """
-    xp = array_namespace(a, b)
+    array_namespace(a, b)  # refuses a NumPy/CuPy mix
     if a.ndim != 1 or a.shape != b.shape or a.shape[0] == 0:
         raise ValueError(f"labels must be 1-D of equal non-zero length, got {tuple(a.shape)} and {tuple(b.shape)}")
     a, b = to_numpy(a).astype(np.int64), to_numpy(b).astype(np.int64)      # small label vectors
