@@ -1,4 +1,5 @@
-"""Audit of the paper's gradient formulas (Eqs. 3/4, 8, 9/10) and of the "disjoint parameters" claim.
+"""Audit of the paper's gradient formulas (Eqs. 3/20, 4/23, 8/28, 9/10/33, 24, 27, 34) and of the "disjoint
+parameters" claim.
 
 Each test pins one row of ``refmoe lemmas`` (see refmoe/theory/verdicts.py and theory/gradient-audit.md).
 Finite differences: float64, central, h = 1e-6, top-k guarded; measured 1e-10 to 7e-9, pass mark 1e-7.
@@ -59,3 +60,47 @@ def test_cross_layer_leakage(loss, variant):
     r = audit.two_layer_leakage(np.random.default_rng(11), loss, variant)
     assert r["fd_error"] < FD_TOL, r                                # measured ~1e-9
     assert r["layer1_router"] > 1e-4 and r["layer1_experts"] > 1e-4, r
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's own model (linear experts): its exact backward, then each printed formula
+# ----------------------------------------------------------------------------------------------
+
+def test_paper_model_backward_fd():
+    errs = audit.paper_model_fd(np.random.default_rng(0))
+    assert len(errs) == 4
+    assert max(errs.values()) < FD_TOL, errs                        # measured 1e-10 to 1.5e-9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_eq20_23(seed):
+    r = audit.audit_eq20_23(np.random.default_rng(seed))
+    assert r["aux_expert_block"] == 0.0                             # L_aux gives the experts nothing, exactly
+    assert r["aux_router_term"] < 1e-12                             # alpha f_j term exact (measured ~1e-16)
+    assert r["eq20_sum"] < 1e-12 and r["eq23_sum"] < 1e-12          # g_yi = 1: the printed sums are exact
+    assert r["eq20_sq"] > 0.1 and r["eq23_sq"] > 0.1                # squared error: measured 0.2-1.0
+    assert abs(r["eq20_cos_sq"]) < 0.95                             # not even parallel
+
+
+def test_eq24_identical_experts():
+    r = audit.audit_eq24(np.random.default_rng(0))
+    assert r[(True, 0.0)]["task_router"] < 1e-15                    # renormalised gates: exactly 0 (2e-17)
+    assert r[(True, 0.0)]["eq24_miss"] < 1e-12
+    for s in (1e-3, 1e-2):                                          # linear in the spread: slope ~ 0.8 here
+        assert 0.3 < r[(True, s)]["task_router"] / s < 10
+    assert r[(False, 0.0)]["task_router"] > 0.05                    # raw gates: no limit (measured 0.18)
+    assert r[(False, 0.0)]["eq24_miss"] > 0.1                       # measured 0.84
+
+
+def test_eq27_28():
+    r = audit.audit_eq27_28(np.random.default_rng(0))
+    assert r["eq27"] < FD_TOL and r["eq28_task"] < FD_TOL           # measured 3e-10, 4e-10
+    assert r["eq28"] > 0.1 and r["eq28_ortho"] > 0.2                # measured 0.46, 0.56
+    assert r["eq28_ortho_cos"] < 0.99                               # measured 0.90
+
+
+def test_eq33_terms():
+    r = audit.audit_eq33(np.random.default_rng(0))
+    assert r["gamma=0"] < 1e-12                                     # task and L_aux terms exact (5e-17)
+    assert r["gamma=1,exact_v"] < 1e-12                             # exact L_v term restores it
+    assert r["gamma=1"] > 1e-4                                      # the (N-1)/N factor: measured 0.008

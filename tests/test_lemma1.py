@@ -148,3 +148,14 @@ def test_descent_search():
     assert all(r["var_gap"] < 0.2 for r in runs)                    # L_v near its infimum: confident routing
     assert any(r["maxvio"] > 0 for r in runs)                       # yet the loads are not all balanced
     assert any(r["aux_gap"] <= 1e-3 and r["maxvio"] > 0 for r in runs)   # L_aux 'balanced' without balance
+
+
+@pytest.mark.parametrize("N,n,k", [(5, 4, 2), (7, 5, 3), (12, 8, 6)])
+def test_delta_endpoint_loses_support(N, n, k):
+    """The proof allows 0 < delta <= 1/k; at delta = 1/k the -delta entries become exactly 0."""
+    w = lemma1.paper_delta_endpoint(N, n, k)
+    assert w.row_sums_kept and w.col_sums_kept
+    assert not w.support_kept
+    assert w.rows_on_cycle and all(sum(1 for v in w.state[i] if v) == k - 1 for i in w.rows_on_cycle)
+    with pytest.raises(ValueError, match="must lie in"):
+        lemma1.witness(N, n, k, delta=Fraction(1, k))

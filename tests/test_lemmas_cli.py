@@ -12,12 +12,13 @@ from refmoe.theory.verdicts import all_verdicts
 ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED = {
-    "L1.witness": "HOLDS", "L1.all_rows": "HOLDS-IF", "L1.k1": "FAILS", "L1.cycle": "HOLDS-IF", "L1.exact_balance": "FAILS",
+    "L1.witness": "HOLDS", "L1.delta": "HOLDS-IF", "L1.all_rows": "HOLDS-IF", "L1.k1": "FAILS", "L1.cycle": "HOLDS-IF", "L1.exact_balance": "FAILS",
     "L1.opt": "HOLDS-IF", "L1.loss_joint": "HOLDS", "L1.hidden_balance": "CONFIRMED", "L1.loss_conflict": "FAILS", "L1.aux_min": "FAILS", "L1.loss_descent": "FAILS",
     "L2.printed": "FAILS", "L2.intended": "HOLDS-IF", "L2.identical": "FAILS", "L2.types": "HOLDS-IF",
     "L2.D_lt_K": "FAILS", "L2.tradeoff": "FAILS",
-    "G.eq9_10": "REFUTED", "G.eq8": "REFUTED", "G.eq3_4": "CONFIRMED", "G.disjoint": "CONFIRMED",
-    "G.cross_layer": "REFUTED", "G.eq20_28": "NOT-AUDITED",
+    "G.eq9_10": "REFUTED", "G.eq8": "REFUTED", "G.eq3_20": "REFUTED", "G.eq4_23": "REFUTED",
+    "G.eq24": "HOLDS-IF", "G.eq27": "CONFIRMED", "G.eq10_34": "CONFIRMED", "G.disjoint": "CONFIRMED",
+    "G.lo_router": "REFUTED", "G.cross_layer": "REFUTED",
 }
 NOTES = {"L1": "theory/lemma1.md", "L2": "theory/lemma2.md", "G": "theory/gradient-audit.md"}
 

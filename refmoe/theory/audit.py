@@ -2,10 +2,10 @@ r"""Audit of the gradient formulas the paper states, against exact gradients (ha
 
 Dimension letters: N tokens, D model width, H expert hidden width, E experts (the paper's n), K top-k.
 
-What is audited (see ``theory/gradient-audit.md`` for which equation is which and what we could read):
-    L_v   Eq. 9/10   paper: -2(N-1)/(nN) (s_ij - sbar_j);  exact: -(2/n)(s_ij - sbar_j)
-    L_o   Eq. 8      paper: sum_{k!=j} x_k x_k^T x_j / (|x_k|^2 + eps); exact: ``ortho_loss_backward``
-    L_aux Eqs. 3/4   counts f constant: dL/dP_ij = W_ij (router), zero gradient to the experts
+What is audited (``theory/gradient-audit.md`` quotes each equation and gives the verdicts):
+    L_v   Eqs. 9, 10, 33   paper: -2(N-1)/(nN) (s_ij - sbar_j);  exact: -(2/n)(s_ij - sbar_j)
+    L_o   Eqs. 8, 28       paper: sum_{k!=j} x_k x_k^T x_j / (|x_k|^2 + eps); exact: ``ortho_loss_backward``
+    Eqs. 3 = 20, 4 = 23, 24, 27, 28, 33/34 on the paper's own model (linear experts, ``paper_model``)
     "disjoint parameters": the within-layer Jacobian blocks (aux, var) -> experts and ortho -> router are exactly
     zero; every loss reaches x, so in a two-layer stack each reaches every parameter of the layer below.
 All finite differences are float64 central differences with a top-k guard (``refmoe.gradcheck``).
@@ -22,6 +22,7 @@ from ..layer import init_params, moe_backward, moe_forward
 from ..losses.ortho import ortho_loss_backward, ortho_loss_forward, paper_eq8_gradient
 from ..losses.variance import paper_eq9_gradient
 from ..ops import softmax_forward, topk_indices, topk_scores_forward
+from . import paper_model as pm
 
 EXPERT_KEYS = ("w_gate", "w_up", "w_down")
 
@@ -166,4 +167,106 @@ def aux_router_gradient_at_balance(rng) -> dict:
         for variant in ("switch", "deepseek_batch", "paper_eq2"):
             g = loss_grads(x, params, cfg, "aux", variant)
             out[f"N={N}:{variant}"] = float(np.abs(g["w_router"]).max())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the printed formulas on the paper's own model: linear experts (``paper_model``)
+# ----------------------------------------------------------------------------------------------
+
+def _cos(a, b) -> float:
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _exact(p, K, w, **kw):
+    _, c = pm.forward(p, K, w, **kw)
+    return c, pm.backward(c, w)
+
+
+def paper_model_fd(rng, K: int = 2) -> dict:
+    """FD error of the exact backward of ``paper_model`` (all four losses on), gated both ways, both tasks."""
+    out = {}
+    w = pm.Weights(alpha=1.0, beta=1.0, gamma=1.0)
+    for renorm in (True, False):
+        for task in ("sq", "sum"):
+            p = pm.instance(rng)
+            _, g = _exact(p, K, w, renorm=renorm, task=task)
+
+            def f(inp):
+                return pm.forward({**p, **inp}, K, w, renorm=renorm, task=task)[0]
+
+            def guard(inp):
+                return pm.forward({**p, **inp}, K, w, renorm=renorm, task=task)[1].idx
+
+            fd = numerical_vjp(f, {k: p[k].copy() for k in ("w_router", "theta")}, guard=guard)
+            out[f"renorm={renorm},task={task}"] = max(rel_error(g[k], fd[k]) for k in fd)
+    return out
+
+
+def audit_eq20_23(rng, K: int = 2) -> dict:
+    """Eqs. 3 = 20 (experts) and 4 = 23 (router) on scalar linear experts (O = 1, so x_i theta_Ej is a number).
+
+    Both drop g_yi = dL_h/dy_i: they equal the exact gradient when g_yi = 1 (L_h = sum_i y_i) and not for a
+    squared error. The L_aux parts: 0 on the experts, alpha sum_j f_j ds_ij on the router."""
+    p = pm.instance(rng, O=1)
+    r = {}
+    for task in ("sum", "sq"):
+        c, g = _exact(p, K, pm.Weights(), task=task)
+        r[f"eq20_{task}"] = rel_error(pm.eq20_expert(c), g["theta"][:, 0, :])
+        r[f"eq20_cos_{task}"] = _cos(pm.eq20_expert(c), g["theta"][:, 0, :])
+        c, g = _exact(p, K, pm.Weights(alpha=1.0), task=task)
+        r[f"eq23_{task}"] = rel_error(pm.eq23_router(c, 1.0), g["w_router"])
+    c, g1 = _exact(p, K, pm.Weights(alpha=1.0))
+    _, g0 = _exact(p, K, pm.Weights())
+    r["aux_expert_block"] = float(np.abs(g1["theta"] - g0["theta"]).max())
+    r["aux_router_term"] = rel_error(pm.eq24_router(c, 1.0), g1["w_router"] - g0["w_router"])
+    return r
+
+
+def audit_eq24(rng, K: int = 2, spreads=(0.0, 1e-3, 1e-2, 1e-1)) -> dict:
+    """Eq. 24: as the experts become alike, dL/dtheta_R -> alpha dL_aux/dtheta_R. Experts theta_bar +
+    spread * Delta_j; per spread and gating: max |dL_h/dW_r| and the relative miss of Eq. 24 on the total."""
+    p = pm.instance(rng)
+    bar = p["theta"].mean(axis=0)
+    out = {}
+    for renorm in (True, False):
+        for s in spreads:
+            q = dict(p, theta=bar[None] + s * (p["theta"] - bar))
+            _, gh = _exact(q, K, pm.Weights(), renorm=renorm)
+            c, gt = _exact(q, K, pm.Weights(alpha=1.0), renorm=renorm)
+            miss = np.linalg.norm(gt["w_router"] - pm.eq24_router(c, 1.0)) / np.linalg.norm(gt["w_router"])
+            out[(renorm, s)] = dict(task_router=float(np.abs(gh["w_router"]).max()), eq24_miss=float(miss))
+    return out
+
+
+def audit_eq27_28(rng, K: int = 3) -> dict:
+    """Eq. 27 (the chain rule, exact dL_o/dx~) and Eq. 28 (Eq. 27 with Eq. 8's L_o term) on linear experts,
+    each against FD: Eq. 28's task term alone (beta = 0), in full (beta = 1), and its L_o term alone."""
+    p = pm.instance(rng, O=4)
+
+    def fd(w):
+        return numerical_vjp(lambda inp: pm.forward({**p, **inp}, K, w)[0], {"theta": p["theta"].copy()},
+                             guard=lambda inp: pm.forward({**p, **inp}, K, w)[1].idx)["theta"]
+
+    w1, w0 = pm.Weights(beta=1.0), pm.Weights()
+    fd1, fd0 = fd(w1), fd(w0)
+    _, c = pm.forward(p, K, w1)
+    lo_paper = pm.eq28_expert(c, 1.0) - pm.eq28_expert(c, 0.0)
+    return dict(eq27=rel_error(pm.eq27_expert(c, 1.0), fd1), eq28_task=rel_error(pm.eq28_expert(c, 0.0), fd0),
+                eq28=rel_error(pm.eq28_expert(c, 1.0), fd1),
+                eq28_ortho=rel_error(lo_paper, fd1 - fd0), eq28_ortho_cos=_cos(lo_paper, fd1 - fd0))
+
+
+def audit_eq33(rng, K: int = 2) -> dict:
+    """Eqs. 10/33/34: dL/ds_ij = g_i^T x~_ij + alpha f_j + gamma dL_v/ds_ij, pushed through ds_ij/dtheta_R.
+    gamma = 0 isolates the task and L_aux terms; gamma = 1 adds the L_v term with its (N-1)/N factor."""
+    p = pm.instance(rng)
+    out = {}
+    for gamma in (0.0, 1.0):
+        c, g = _exact(p, K, pm.Weights(alpha=1.0, gamma=gamma))
+        out[f"gamma={gamma:g}"] = rel_error(pm.eq33_router(c, 1.0, gamma), g["w_router"])
+    E = c.P.shape[1]
+    exact_v = pm.router_grad_from_dS(c, (-2.0 / E) * (c.S - c.S.mean(axis=0)))          # -(2/n)(s - sbar)
+    out["gamma=1,exact_v"] = rel_error(pm.eq33_router(c, 1.0, 0.0) + exact_v, g["w_router"])
     return out

@@ -150,10 +150,20 @@ class Witness(NamedTuple):
 
 def witness(N: int, n: int, k: int, delta=None) -> Witness:
     """The paper's construction, carried out exactly. delta defaults to 1/(2k) (entries stay in (0, 1))."""
-    support = balanced_support(N, n, k)
     delta = Fraction(1, 2 * k) if delta is None else Fraction(delta)
     if not 0 < delta < Fraction(1, k):
         raise ValueError(f"delta={delta} must lie in (0, 1/k) so that the support is kept")
+    return _construct(N, n, k, delta)
+
+
+def paper_delta_endpoint(N: int, n: int, k: int) -> Witness:
+    """The construction at delta = 1/k, which the paper's proof allows (0 < delta <= 1/k): the entries that
+    get -delta reach 0, so the rows on the cycle keep their sums but lose a non-zero (``support_kept`` False)."""
+    return _construct(N, n, k, Fraction(1, k))
+
+
+def _construct(N: int, n: int, k: int, delta: Fraction) -> Witness:
+    support = balanced_support(N, n, k)
     start = [[Fraction(0)] * n for _ in range(N)]
     for i, cols in enumerate(support):
         for j in cols:
