@@ -50,7 +50,11 @@ class Cache(NamedTuple):
     A: object                 # [N, K, O]
     g: object                 # [N, O] dL_h/dy
     renorm: bool
-    caches: tuple             # (linear, topk-scores or gather, aux, ortho, var)
+    lin: tuple                # router linear
+    sel: tuple                # S(P): topk-scores cache (renorm) or gather cache (raw gates)
+    aux: object               # the caches of L_aux (paper_eq2), L_o (pairwise), L_v (paper)
+    ortho: object
+    var: object
 
 
 def instance(rng, N: int = 7, D: int = 5, O: int = 3, E: int = 4, K: int = 2) -> dict:
@@ -84,7 +88,7 @@ def forward(p: dict, K: int, w: Weights, *, renorm: bool = True, task: str = "sq
     ortho, oc = ortho_loss_forward(A, "pairwise", eps=w.eps)
     var, vc = var_loss_forward(P, idx, "paper")
     loss = loss_h + w.alpha * float(aux) + w.beta * float(ortho) + w.gamma * float(var)
-    return loss, Cache(x, theta, P, idx, S, s_sel, A, g, renorm, (lin, sc, ac, oc, vc))
+    return loss, Cache(x, theta, P, idx, S, s_sel, A, g, renorm, lin, sc, ac, oc, vc)
 
 
 def _theta_grad(c: Cache, dA):
@@ -96,23 +100,21 @@ def _theta_grad(c: Cache, dA):
 
 def router_grad_from_dS(c: Cache, dS):
     """sum_ij dS_ij ds_ij/dW_r: a coefficient matrix on S [N, E] pushed through S(P), softmax, router."""
-    lin, sc = c.caches[:2]
-    dP = ops.topk_scores_backward(dS, sc) if c.renorm else ops.gather_backward(
-        np.take_along_axis(dS, c.idx, axis=1), sc)
-    return ops.linear_backward(ops.softmax_backward(dP, c.P), lin)[1]
+    dP = ops.topk_scores_backward(dS, c.sel) if c.renorm else ops.gather_backward(
+        np.take_along_axis(dS, c.idx, axis=1), c.sel)
+    return ops.linear_backward(ops.softmax_backward(dP, c.P), c.lin)[1]
 
 
 def backward(c: Cache, w: Weights) -> dict:
     """Exact gradients of the total loss w.r.t. w_router and theta (top-k indices held fixed)."""
-    _, _, ac, oc, vc = c.caches
     dA = c.s_sel[:, :, None] * c.g[:, None, :]
     if w.beta:
-        dA = dA + ortho_loss_backward(w.beta, oc)
+        dA = dA + ortho_loss_backward(w.beta, c.ortho)
     ds_sel = np.einsum("nko,no->nk", c.A, c.g)                              # g_i^T x~_ij
     dS = ops.gather_backward(ds_sel, (c.idx, c.P.shape))
     d_router = router_grad_from_dS(c, dS)
-    d_scores = w.alpha * aux_loss_backward(1.0, ac) + w.gamma * var_loss_backward(1.0, vc)
-    d_router = d_router + ops.linear_backward(ops.softmax_backward(d_scores, c.P), c.caches[0])[1]
+    d_scores = w.alpha * aux_loss_backward(1.0, c.aux) + w.gamma * var_loss_backward(1.0, c.var)
+    d_router = d_router + ops.linear_backward(ops.softmax_backward(d_scores, c.P), c.lin)[1]
     return dict(w_router=d_router, theta=_theta_grad(c, dA))
 
 
@@ -150,7 +152,7 @@ def eq24_router(c: Cache, alpha: float):
 def eq27_expert(c: Cache, beta: float):
     """Eq. 27: sum_i 1{s_ij > 0} (dL_h/dx~_ij + beta dL_o/dx~_ij) dx~_ij/dtheta_j, dL_h/dx~_ij = g_i s_ij,
     with the exact dL_o/dx~_ij (Eq. 27 leaves it unexpanded)."""
-    dA = c.s_sel[:, :, None] * c.g[:, None, :] + ortho_loss_backward(beta, c.caches[3])
+    dA = c.s_sel[:, :, None] * c.g[:, None, :] + ortho_loss_backward(beta, c.ortho)
     return _theta_grad(c, dA)
 
 
