@@ -98,11 +98,20 @@ def _theta_grad(c: Cache, dA):
     return dtheta
 
 
+def _dP_from_dsel(c: Cache, ds_sel):
+    """A gradient on the selected scores s_sel [N, K] carried back to the softmax P [N, E]."""
+    if c.renorm:
+        return ops.topk_scores_backward(None, c.sel, ds_sel=ds_sel)
+    return ops.gather_backward(ds_sel, c.sel)
+
+
+def _router_from_dP(c: Cache, dP):
+    return ops.linear_backward(ops.softmax_backward(dP, c.P), c.lin)[1]
+
+
 def router_grad_from_dS(c: Cache, dS):
     """sum_ij dS_ij ds_ij/dW_r: a coefficient matrix on S [N, E] pushed through S(P), softmax, router."""
-    dP = ops.topk_scores_backward(dS, c.sel) if c.renorm else ops.gather_backward(
-        np.take_along_axis(dS, c.idx, axis=1), c.sel)
-    return ops.linear_backward(ops.softmax_backward(dP, c.P), c.lin)[1]
+    return _router_from_dP(c, _dP_from_dsel(c, np.take_along_axis(dS, c.idx, axis=1)))
 
 
 def backward(c: Cache, w: Weights) -> dict:
@@ -111,11 +120,8 @@ def backward(c: Cache, w: Weights) -> dict:
     if w.beta:
         dA = dA + ortho_loss_backward(w.beta, c.ortho)
     ds_sel = np.einsum("nko,no->nk", c.A, c.g)                              # g_i^T x~_ij
-    dS = ops.gather_backward(ds_sel, (c.idx, c.P.shape))
-    d_router = router_grad_from_dS(c, dS)
-    d_scores = w.alpha * aux_loss_backward(1.0, c.aux) + w.gamma * var_loss_backward(1.0, c.var)
-    d_router = d_router + ops.linear_backward(ops.softmax_backward(d_scores, c.P), c.lin)[1]
-    return dict(w_router=d_router, theta=_theta_grad(c, dA))
+    dP = _dP_from_dsel(c, ds_sel) + w.alpha * aux_loss_backward(1.0, c.aux) + w.gamma * var_loss_backward(1.0, c.var)
+    return dict(w_router=_router_from_dP(c, dP), theta=_theta_grad(c, dA))
 
 
 # ----------------------------------------------------------------------------------------------
