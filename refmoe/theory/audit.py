@@ -31,6 +31,11 @@ EXPERT_KEYS = ("w_gate", "w_up", "w_down")
 # Eq. 9/10 (L_v) and Eq. 8 (L_o) on random instances
 # ----------------------------------------------------------------------------------------------
 
+def _cos(a, b) -> float:
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def _random_S(rng, N, E, K):
     P, _ = softmax_forward(rng.standard_normal((N, E)) * 2.0)
     idx = topk_indices(P, K)
@@ -64,7 +69,7 @@ def audit_eq8(rng, N: int = 5, K: int = 3, D: int = 4) -> dict:
     exact = ortho_loss_backward(1.0, cache)
     fd = numerical_vjp(lambda inp: ortho_loss_forward(inp["A"], "pairwise", eps=0.0)[0], {"A": A.copy()})["A"]
     paper = paper_eq8_gradient(A, eps=0.0)
-    cos = float((paper * exact).sum() / (np.linalg.norm(paper) * np.linalg.norm(exact)))
+    cos = _cos(paper, exact)
     scale = float((paper * exact).sum() / (exact * exact).sum())       # least-squares factor paper ~ c * exact
     return dict(fd_error_exact=rel_error(exact, fd), fd_error_paper=rel_error(paper, fd),
                 cosine=cos, best_scale=scale)
@@ -173,11 +178,6 @@ def aux_router_gradient_at_balance(rng) -> dict:
 # ----------------------------------------------------------------------------------------------
 # the printed formulas on the paper's own model: linear experts (``paper_model``)
 # ----------------------------------------------------------------------------------------------
-
-def _cos(a, b) -> float:
-    a, b = np.ravel(a), np.ravel(b)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
 
 def _exact(p, K, w, **kw):
     _, c = pm.forward(p, K, w, **kw)
