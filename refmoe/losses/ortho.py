@@ -207,7 +207,7 @@ def paper_eq8_gradient(expert_out, eps: float = 0.0):
     Not used by any backward. The exact gradient of Eq. 6 (``ortho_loss_backward``, eps -> 0) is
     :math:`\sum_{k\ne j} [2 x_k x_k^T x_j/\lVert x_k\rVert^2 + 2 x_k x_k^T x_j/\lVert x_j\rVert^2
     - 2 (x_k^T x_j)^2 x_j/\lVert x_j\rVert^4]`: Eq. 8 drops the factor 2 and the terms where x_j is the
-    projection target (see ``theory/losses.md``).
+    base of the projection, the vector projected onto (see ``theory/losses.md``).
     """
     xp = _check_expert_out(expert_out)
     G, nrm, den, _, off = _pairwise_parts(expert_out, eps)

@@ -196,7 +196,7 @@ def _audit(rng):
                         f"5 random instances (K = 2..4): exact backward matches FD to "
                         f"{max(e['fd_error_exact'] for e in e8s):.0e}; Eq. 8 rel. error {span('fd_error_paper')}, "
                         f"cosine {span('cosine')}, least-squares scale {span('best_scale')} (not a multiple: "
-                        f"missing factor 2 and the base-vector terms); inside Eq. 28's expert gradient: L_o term "
+                        f"missing factor 2 and the terms where x~_ij is the base of the projection); inside Eq. 28's expert gradient: L_o term "
                         f"rel. error {e28['eq28_ortho']:.2f} vs FD, cosine {e28['eq28_ortho_cos']:.2f}",
                         "tests/test_audit.py::test_eq8_discrepancy"))
     e2 = audit.audit_eq20_23(rng)
