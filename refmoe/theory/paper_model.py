@@ -57,7 +57,7 @@ class Cache(NamedTuple):
     var: object
 
 
-def instance(rng, N: int = 7, D: int = 5, O: int = 3, E: int = 4, K: int = 2) -> dict:
+def instance(rng, N: int = 7, D: int = 5, O: int = 3, E: int = 4) -> dict:
     """A random float64 instance: x [N, D], w_router [E, D], theta [E, O, D], target [N, O]."""
     return dict(x=rng.standard_normal((N, D)), w_router=rng.standard_normal((E, D)),
                 theta=rng.standard_normal((E, O, D)) / np.sqrt(D), target=rng.standard_normal((N, O)))
