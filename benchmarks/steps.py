@@ -5,24 +5,20 @@ task gradient dy. Dimension letters: N tokens, D model, H expert hidden, E exper
 """
 from __future__ import annotations
 
+import refmoe.fast
 from refmoe import moe_backward, moe_forward
 from refmoe.losses import aux_loss_backward, aux_loss_forward
+from refmoe.losses.ortho import ortho_loss_backward, ortho_loss_forward
+from refmoe.losses.variance import var_loss_backward, var_loss_forward
 
 COEF = 1e-3   # alpha = beta = gamma (the value does not change the work done)
 
 
 def loss_functions(proposed=False):
-    """refmoe's L_o / L_v when installed, else the vectorised forms of benchmarks/fast_losses.py.
-    proposed=True: L_o from benchmarks/proposed_ortho.py (the suggested fast form of refmoe's L_o)."""
+    """refmoe's L_o / L_v; proposed=True: L_o from refmoe.fast.ortho_gram (the Gram/Cholesky form)."""
     if proposed:
-        import proposed_ortho
-        _, _, vf, vb = loss_functions()
-        return proposed_ortho.ortho_loss_forward, proposed_ortho.ortho_loss_backward, vf, vb
-    try:
-        from refmoe.losses.ortho import ortho_loss_backward, ortho_loss_forward
-        from refmoe.losses.variance import var_loss_backward, var_loss_forward
-    except ImportError:
-        from fast_losses import ortho_loss_backward, ortho_loss_forward, var_loss_backward, var_loss_forward
+        return refmoe.fast.ortho_gram.ortho_loss_forward, refmoe.fast.ortho_gram.ortho_loss_backward, \
+            var_loss_forward, var_loss_backward
     return ortho_loss_forward, ortho_loss_backward, var_loss_forward, var_loss_backward
 
 
@@ -57,7 +53,9 @@ class RefmoeStep:
         return loss, self.v_b(COEF, c)
 
     def forward(self):
-        return moe_forward(self.x, self.params, self.cfg, expert_batching=self.batching)
+        """"loop": the core layer (one SwiGLU per expert); "auto" / "padded": refmoe.fast (batched experts)."""
+        forward = moe_forward if self.batching == "loop" else refmoe.fast.moe_forward
+        return forward(self.x, self.params, self.cfg)
 
     def resident_bytes(self):
         return sum(int(a.nbytes) for a in [self.x, self.dy, *self.params.values()])

@@ -265,7 +265,8 @@ def run_case(arrays: dict, entry: dict, broken: str | None = None) -> dict:
         out[f"inter/{name}"] = value.detach().numpy()
     for term, loss in losses.items():
         out[f"loss/{term}"] = loss.detach().numpy()
-        grads = torch.autograd.grad(loss, list(inputs.values()), retain_graph=True, allow_unused=True)
+        scaled = loss if term == "total" else weight[term] * loss      # grad/<term>: its contribution to the total
+        grads = torch.autograd.grad(scaled, list(inputs.values()), retain_graph=True, allow_unused=True)
         for name, g in zip(inputs, grads):
             out[f"grad/{term}/{name}"] = (torch.zeros_like(inputs[name]) if g is None else g).detach().numpy()
     out["inter/topk_idx"] = out["inter/topk_idx"].astype(np.int64)

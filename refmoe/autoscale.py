@@ -36,7 +36,8 @@ import numpy as np
 from . import ops
 from .backend import array_namespace
 from .config import MoEConfig
-from .losses._checks import check_mask
+from .checks import check_mask, mask_weights
+from .losses.gram_schmidt import gram_schmidt_forward
 from .objective import Objective, get_objective
 
 RELEASED_ORTHO_TARGET = 1e-4
@@ -65,13 +66,8 @@ def router_ortho_reference(w_router, top_k: int, eps: float = GRAM_SCHMIDT_EPS) 
     rows = np.arange(E)
     others = np.stack([np.delete(rows, a) for a in range(K)])          # [K, E-1] host indices
     others = xp.asarray(others) if xp is not np else others
-    basis = []                                                          # E-1 arrays [K, D]
-    for j in range(E - 1):
-        v = w_router[others[:, j]]                                      # [K, D]
-        for u in basis:
-            v = v - (u * v).sum(axis=-1, keepdims=True) * u
-        v = v / (xp.sqrt((v * v).sum(axis=-1, keepdims=True)) + eps)
-        basis.append(v)
+    cols = [w_router[others[:, j]] for j in range(E - 1)]              # E-1 arrays [K, D]
+    basis, _ = gram_schmidt_forward(cols, eps)                          # E-1 arrays [K, D]
     w_target = w_router[:K]                                             # [K, D]
     total = xp.zeros((), dtype=w_router.dtype)
     for u in basis:
@@ -99,7 +95,7 @@ def score_variance_reference(x, w_router, valid_mask=None) -> float:
     var = (centred * centred).sum(axis=-1) / (E - 1)                    # [N]
     if mask is None:
         return float(var.mean())
-    m = mask.astype(var.dtype)
+    m = mask_weights(mask, N, var.dtype, xp)
     return float((var * m).sum() / m.sum())
 
 

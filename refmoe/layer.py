@@ -3,17 +3,15 @@
 Dimension letters: N tokens, D model width, H expert hidden width, E routed experts, K top-k,
 Hs = n_shared * H the hidden width of the fused shared expert.
 
-Forward, for token i with top-k set T_i:
+The composition, one line per piece (``refmoe.router``, ``refmoe.experts``, ``refmoe.ops``):
 
-    logits = x W_r^T                        [N, E]
-    P      = softmax(logits)                [N, E]   full softmax, before top-k ("scores")
-    T_i    = top-k of P_i (ties: lower expert index wins)
-    g_ik   = P_{i,T_ik} (/ sum_l P_{i,T_il} when norm_topk_prob)
-    y_i    = sum_k g_ik E_{T_ik}(x_i) + shared(x_i)
+    topk_idx, g = router(x)                 [N, K]   logits, scores [N, E] in the router's cache
+    x~          = experts(x, topk_idx)      [N, K, D] unweighted outputs of each token's selected experts
+    y_i         = sum_k g_ik x~_ik + shared(x_i)     [N, D]
 
-Dispatch sorts the N*K (token, slot) assignments by expert once and runs one SwiGLU per expert on a
-contiguous block; outputs go back to a token-major [N, K, D] buffer ("expert_out", unweighted), which
-the orthogonality loss reads and whose gradient it injects through ``moe_backward(d_expert_out=...)``.
+The backward runs the pieces in reverse. Losses inject their gradients on the intermediates they read:
+``d_scores`` [N, E] (L_aux, L_v) into the router, ``d_expert_out`` [N, K, D] (L_o) into the experts.
+``refmoe.fast`` runs the same composition with batched experts (:func:`forward_with`).
 """
 from __future__ import annotations
 
@@ -21,13 +19,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import experts as routed_experts
 from . import ops
-from .backend import array_namespace, backend_name, get_xp, to_numpy
+from .backend import array_namespace, backend_name, get_xp
+from .checks import FLOAT_DTYPES, check_float_array
 from .config import MoEConfig
-
-ROUTED_KEYS = ("w_router", "w_gate", "w_up", "w_down")
-SHARED_KEYS = ("shared_w_gate", "shared_w_up", "shared_w_down")
-FLOAT_DTYPES = (np.float32, np.float64)
+from .router import RouterCache, router_backward, router_forward
 
 
 def param_shapes(cfg: MoEConfig) -> dict:
@@ -83,119 +80,17 @@ def _check_params(params, cfg: MoEConfig):
 
 def _check_input(x, params, cfg: MoEConfig):
     xp = array_namespace(x, *params.values())
-    if x.ndim != 2:
-        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
-    if x.shape[1] != cfg.d_model:
-        raise ValueError(f"x has D={x.shape[1]}, config has d_model={cfg.d_model}")
-    if x.shape[0] == 0:
+    if getattr(x, "ndim", None) == 2 and x.shape[0] == 0:
         raise ValueError("x has N=0 tokens; the layer needs at least one")
-    if x.dtype.type not in FLOAT_DTYPES:
+    if getattr(x, "ndim", None) == 2 and x.shape[1] != cfg.d_model:
+        raise ValueError(f"x has D={x.shape[1]}, config has d_model={cfg.d_model}")
+    if getattr(x, "dtype", None) is not None and x.dtype.type not in FLOAT_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; use float32 or float64")
     for name, w in params.items():
         if w.dtype != x.dtype:
             raise TypeError(f"params[{name!r}] is {w.dtype} but x is {x.dtype}; cast one explicitly")
-    if not bool(xp.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf")
+    check_float_array(x, "x", "[N, D]")
     return xp
-
-
-# ----------------------------------------------------------------------------------------------
-# dispatch: group the N*K assignments by expert
-# ----------------------------------------------------------------------------------------------
-
-class Dispatch(NamedTuple):
-    order: object       # [N*K] permutation: sorted position -> flat (token, slot) position
-    token: object       # [N*K] token index of each sorted assignment
-    offsets: tuple      # E + 1 host ints: assignments of expert e are sorted[offsets[e]:offsets[e+1]]
-    capacity: int = 0   # C rows per expert of the padded [E, C] layout; 0 when experts run one by one
-    slot: object = None  # [N*K] row e*C + rank of each flat (token, slot) in the padded layout, or None
-
-
-EXPERT_BATCHING = ("auto", "loop", "padded")
-PAD_LIMIT = 1.25    # "auto" pads only when E * C <= PAD_LIMIT * N * K (at most 25% zero rows)
-
-
-def dispatch(topk_idx, n_experts: int, batching: str = "loop") -> Dispatch:
-    """Sort the flat assignments by expert id (stable, so tokens stay in order within an expert).
-
-    batching  "loop": one SwiGLU per expert on its contiguous block of the sorted rows.
-              "padded": also lay the rows out as [E, C] with C = the largest count, zero rows filling
-              the rest, so that every expert runs in one batched matmul (fills a GPU far better than
-              E small products). "auto": padded on CuPy when the padding stays under PAD_LIMIT, else loop.
-    """
-    if batching not in EXPERT_BATCHING:
-        raise ValueError(f"expert_batching={batching!r} is not a mode; expected one of {EXPERT_BATCHING}")
-    xp = array_namespace(topk_idx)
-    N, K = topk_idx.shape
-    flat = topk_idx.reshape(-1)                                    # [N*K]
-    order = xp.argsort(flat, kind="stable")                        # [N*K]
-    token = order // K                                             # [N*K]
-    counts_dev = xp.bincount(flat, minlength=n_experts)            # [E]
-    counts = to_numpy(counts_dev)                                  # [E] small explicit device->host read
-    offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(counts)]))
-    C = int(counts.max())
-    if batching == "auto":
-        batching = "padded" if xp is not np and n_experts * C <= PAD_LIMIT * N * K else "loop"
-    if batching == "loop":
-        return Dispatch(order, token, offsets)
-    expert_sorted = flat[order]                                    # [N*K] non-decreasing expert ids
-    start = xp.cumsum(counts_dev) - counts_dev                     # [E] first sorted row of each expert
-    rank = xp.arange(N * K) - start[expert_sorted]                 # [N*K] position within the expert
-    slot = xp.empty_like(order)
-    slot[order] = expert_sorted * C + rank                         # a permutation into E*C rows
-    return Dispatch(order, token, offsets, C, slot)
-
-
-def _experts_forward(x, params, plan: Dispatch, N: int, K: int, E: int):
-    """Unweighted outputs of the selected experts, token-major [N*K, D], and the SwiGLU caches."""
-    xp = array_namespace(x)
-    D = x.shape[1]
-    if plan.slot is not None:                                      # one batched SwiGLU over [E, C, D]
-        x_pad = xp.zeros((E * plan.capacity, D), dtype=x.dtype)    # [E*C, D] zero rows give zero outputs
-        x_pad[plan.slot.reshape(N, K)] = x[:, None, :]              # token i into its K rows
-        out_pad, c = ops.swiglu_forward(x_pad.reshape(E, plan.capacity, D),
-                                        params["w_gate"], params["w_up"], params["w_down"])
-        return out_pad.reshape(E * plan.capacity, D)[plan.slot], (c,)
-    x_sorted = x[plan.token]                                       # [N*K, D]
-    out_sorted = xp.empty_like(x_sorted)                           # [N*K, D]
-    expert_caches = []
-    for e in range(E):
-        lo, hi = plan.offsets[e], plan.offsets[e + 1]
-        if lo == hi:
-            expert_caches.append(None)
-            continue
-        out_sorted[lo:hi], c = ops.swiglu_forward(
-            x_sorted[lo:hi], params["w_gate"][e], params["w_up"][e], params["w_down"][e])
-        expert_caches.append(c)
-    expert_flat = xp.empty_like(out_sorted)                        # [N*K, D]
-    expert_flat[plan.order] = out_sorted                           # a permutation: no duplicates
-    return expert_flat, tuple(expert_caches)
-
-
-def _experts_backward(d_flat, params, plan: Dispatch, expert_caches, E: int):
-    """d_flat: [N*K, D] gradient on the token-major expert outputs -> (dx_flat [N*K, D], dw_gate, dw_up, dw_down)."""
-    xp = array_namespace(d_flat)
-    D = d_flat.shape[1]
-    if plan.slot is not None:
-        d_pad = xp.zeros((E * plan.capacity, D), dtype=d_flat.dtype)   # [E*C, D]
-        d_pad[plan.slot] = d_flat
-        dx_pad, dw_gate, dw_up, dw_down = ops.swiglu_backward(
-            d_pad.reshape(E, plan.capacity, D), expert_caches[0])
-        return dx_pad.reshape(E * plan.capacity, D)[plan.slot], dw_gate, dw_up, dw_down
-    d_out_sorted = d_flat[plan.order]                              # [N*K, D]
-    dx_sorted = xp.zeros_like(d_out_sorted)                        # [N*K, D]
-    dw_gate = xp.zeros_like(params["w_gate"])
-    dw_up = xp.zeros_like(params["w_up"])
-    dw_down = xp.zeros_like(params["w_down"])
-    for e in range(E):
-        lo, hi = plan.offsets[e], plan.offsets[e + 1]
-        if lo == hi:
-            continue
-        dx_sorted[lo:hi], dw_gate[e], dw_up[e], dw_down[e] = ops.swiglu_backward(
-            d_out_sorted[lo:hi], expert_caches[e])
-    dx_flat = xp.empty_like(dx_sorted)
-    dx_flat[plan.order] = dx_sorted
-    return dx_flat, dw_gate, dw_up, dw_down
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,55 +107,53 @@ class MoECache(NamedTuple):
     shared_out: object      # [N, D] or None
     x: object               # [N, D]
     cfg: MoEConfig
-    params: dict
-    dispatch: Dispatch
-    expert_caches: tuple    # loop: E entries (ops.SwigluCache, or None for an expert with no tokens);
-                            # padded: one ops.SwigluCache over [E, C, .]
-    shared_cache: object    # ops.SwigluCache or None
-    gather_cache: tuple
-    renorm_cache: tuple     # or None when norm_topk_prob is False
+    params: dict            # a snapshot of the dict passed in (the same arrays): rebinding a key later
+                            # does not reach the backward; update arrays in place only after it
+    router: RouterCache
+    experts: object         # the experts' cache (``refmoe.experts.ExpertsCache`` on the reading path)
+    experts_backward: object   # the backward that matches the forward that made ``experts``
+    shared: object          # ops.SwigluCache or None
 
 
-def moe_forward(x, params: dict, cfg: MoEConfig, *, expert_batching: str = "auto"):
+def moe_forward(x, params: dict, cfg: MoEConfig):
     """Forward pass of the layer.  x: [N, D] -> (y [N, D], MoECache).
-
-    expert_batching  how the routed experts run: "loop" (one SwiGLU per expert), "padded" (one batched
-                     SwiGLU over an [E, C, D] layout), or "auto" (padded on CuPy when cheap; see
-                     :func:`dispatch`). The results agree to rounding; the backward follows the forward's choice.
 
     Raises ValueError / TypeError for bad shapes, dtypes, non-finite x or a NumPy/CuPy mix.
     """
+    return forward_with(routed_experts, x, params, cfg)
+
+
+def forward_with(experts, x, params: dict, cfg: MoEConfig):
+    """:func:`moe_forward` with another implementation of the routed experts.
+
+    experts  a module (or object) with ``experts_forward(x, w_gate, w_up, w_down, topk_idx) ->
+             (expert_out [N, K, D], cache)`` and ``experts_backward(d_expert_out, cache) ->
+             (dx [N, D], dw_gate, dw_up, dw_down)``, equal to ``refmoe.experts`` (``refmoe.fast`` has one)
+    """
     if not isinstance(cfg, MoEConfig):
         raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
-    if expert_batching not in EXPERT_BATCHING:
-        raise ValueError(f"expert_batching={expert_batching!r} is not a mode; expected one of {EXPERT_BATCHING}")
     _check_params(params, cfg)
-    xp = _check_input(x, params, cfg)
-    N, D, K, E = x.shape[0], cfg.d_model, cfg.top_k, cfg.n_experts
+    _check_input(x, params, cfg)
+    params = dict(params)
 
-    logits, _ = ops.linear_forward(x, params["w_router"])           # [N, E]
-    scores, _ = ops.softmax_forward(logits)                          # [N, E]
-    topk_idx = ops.topk_indices(scores, K)                           # [N, K]
-    sel, gather_cache = ops.gather_forward(scores, topk_idx)         # [N, K]
-    if cfg.norm_topk_prob:
-        gates, renorm_cache = ops.renorm_forward(sel)                # [N, K]
-    else:
-        gates, renorm_cache = sel, None
-
-    plan = dispatch(topk_idx, E, expert_batching)
-    expert_flat, expert_caches = _experts_forward(x, params, plan, N, K, E)   # [N*K, D]
-    expert_out = expert_flat.reshape(N, K, D)                        # [N, K, D]
-
-    y = xp.einsum("nk,nkd->nd", gates, expert_out)                   # [N, D]
-    shared_out = shared_cache = None
+    (topk_idx, gates), router = router_forward(x, params["w_router"], cfg.top_k, cfg.norm_topk_prob)
+    expert_out, experts_cache = experts.experts_forward(
+        x, params["w_gate"], params["w_up"], params["w_down"], topk_idx)        # [N, K, D]
+    y = _combine(gates, expert_out)                                              # [N, D]
+    shared_out = shared = None
     if cfg.n_shared:
-        shared_out, shared_cache = ops.swiglu_forward(
-            x, params["shared_w_gate"], params["shared_w_up"], params["shared_w_down"])
+        shared_out, shared = ops.swiglu_forward(
+            x, params["shared_w_gate"], params["shared_w_up"], params["shared_w_down"])   # [N, D]
         y = y + shared_out
 
-    cache = MoECache(logits, scores, topk_idx, gates, expert_out, shared_out, x, cfg, params, plan,
-                     expert_caches, shared_cache, gather_cache, renorm_cache)
+    cache = MoECache(router.logits, router.scores, topk_idx, gates, expert_out, shared_out, x, cfg, params,
+                     router, experts_cache, experts.experts_backward, shared)
     return y, cache
+
+
+def _combine(gates, expert_out):
+    """y_i = sum_k g_ik x~_ik.  gates [N, K], expert_out [N, K, D] -> [N, D]."""
+    return array_namespace(gates).einsum("nk,nkd->nd", gates, expert_out)
 
 
 def _check_upstream(name, g, shape, ref):
@@ -291,31 +184,17 @@ def moe_backward(dy, cache: MoECache, d_scores=None, d_expert_out=None) -> dict:
     _check_upstream("d_expert_out", d_expert_out, (N, K, D), c.x)
     grads = {}
 
-    # shared experts
     dx_shared = 0
-    if cfg.n_shared:
+    if cfg.n_shared:                                                     # shared experts
         dx_shared, grads["shared_w_gate"], grads["shared_w_up"], grads["shared_w_down"] = \
-            ops.swiglu_backward(dy, c.shared_cache)
-
-    # combine:  y = sum_k g_k expert_out_k
-    d_gates = xp.einsum("nd,nkd->nk", dy, c.expert_out)                 # [N, K]
-    d_eo = c.gates[:, :, None] * dy[:, None, :]                          # [N, K, D]
+            ops.swiglu_backward(dy, c.shared)
+    d_gates = xp.einsum("nd,nkd->nk", dy, c.expert_out)                 # combine: [N, K]
+    d_expert_out_y = c.gates[:, :, None] * dy[:, None, :]                # combine: [N, K, D]
     if d_expert_out is not None:
-        d_eo = d_eo + d_expert_out
-
-    # routed experts, in the dispatch order
-    dx_flat, dw_gate, dw_up, dw_down = _experts_backward(
-        d_eo.reshape(N * K, D), c.params, c.dispatch, c.expert_caches, E)     # dx_flat [N*K, D]
-    dx_experts = dx_flat.reshape(N, K, D).sum(axis=1)                   # [N, D] sum over a token's slots
-    grads.update(w_gate=dw_gate, w_up=dw_up, w_down=dw_down)
-
-    # gates -> scores -> logits -> (x, w_router)
-    d_sel = ops.renorm_backward(d_gates, c.renorm_cache) if cfg.norm_topk_prob else d_gates
-    dscores = ops.gather_backward(d_sel, c.gather_cache)                # [N, E]
-    if d_scores is not None:
-        dscores = dscores + d_scores
-    dlogits = ops.softmax_backward(dscores, c.scores)                   # [N, E]
-    dx_router, grads["w_router"] = ops.linear_backward(dlogits, (c.x, c.params["w_router"]))
+        d_expert_out_y = d_expert_out_y + d_expert_out                  # fan-in: L_o's injection
+    dx_experts, grads["w_gate"], grads["w_up"], grads["w_down"] = \
+        c.experts_backward(d_expert_out_y, c.experts)                   # routed experts: [N, D]
+    dx_router, grads["w_router"] = router_backward(d_gates, c.router, d_scores)   # router: [N, D]
 
     grads["x"] = dx_router + dx_experts + dx_shared
     return grads

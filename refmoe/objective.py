@@ -29,15 +29,16 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import array_namespace
+from .checks import check_mask, resolve_batch_shape
 from .config import MoEConfig
 from .layer import MoECache, moe_backward, moe_forward
-from .losses._checks import check_mask
-from .losses.aux import AUX_VARIANTS, aux_loss_backward, aux_loss_forward
-from .losses.ortho import ortho_loss_backward, ortho_loss_forward
-from .losses.variance import VAR_VARIANTS, var_loss_backward, var_loss_forward
+from .losses.terms import TERM_FORMS, term_backward, term_forward
 
 PADDING_MODES = ("exclude", "include")
 TERMS = ("task", "aux", "ortho", "var")
+REGULARISERS = ("aux", "ortho", "var")
+# megatron_seq reads tokens in Megatron's order t*B + b; the objective's layout is b*T + t
+OBJECTIVE_AUX_FORMS = tuple(f for f in TERM_FORMS["aux"] if f != "megatron_seq")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +60,9 @@ def _check_weight(name, value, allow_none):
 class Objective:
     """Which form of each regulariser, and with which coefficient.
 
-    aux_variant              one of ``AUX_VARIANTS`` ("paper_eq2", "switch", "deepseek_batch", "deepseek_seq")
+    aux_variant              one of ``OBJECTIVE_AUX_FORMS`` ("paper_eq2", "switch", "deepseek_batch",
+                             "deepseek_seq", "gshard_first_choice"); ``megatron_seq`` is refused because it
+                             orders tokens t*B + b while the objective lays them out b*T + t
     ortho_variant            "pairwise" (paper Eq. 6) or "span" (the authors' Gram-Schmidt projection)
     var_variant              one of ``VAR_VARIANTS`` ("paper", "code", "row_topk")
     alpha, beta, gamma       coefficients of L_aux, L_o, L_v (>= 0). beta / gamma may be None when the
@@ -89,15 +92,18 @@ class Objective:
     name: str = "custom"
 
     def __post_init__(self):
-        if self.aux_variant not in AUX_VARIANTS:
-            raise ValueError(f"aux_variant={self.aux_variant!r}; expected one of {sorted(AUX_VARIANTS)}")
+        if self.aux_variant == "megatron_seq":
+            raise ValueError("aux_variant='megatron_seq' orders tokens t*B + b (Megatron's [T, B] layout); the "
+                             "objective's tokens are b*T + t: use 'deepseek_seq', the same loss in that order")
+        if self.aux_variant not in OBJECTIVE_AUX_FORMS:
+            raise ValueError(f"aux_variant={self.aux_variant!r}; expected one of {list(OBJECTIVE_AUX_FORMS)}")
         if self.ortho_variant == "span_code_grouping":
             raise ValueError("ortho_variant='span_code_grouping' is spelled ortho_variant='span', "
                              "ortho_released_grouping=True")
         if self.ortho_variant not in ("pairwise", "span"):
             raise ValueError(f"ortho_variant={self.ortho_variant!r}; expected 'pairwise' or 'span'")
-        if self.var_variant not in VAR_VARIANTS:
-            raise ValueError(f"var_variant={self.var_variant!r}; expected one of {list(VAR_VARIANTS)}")
+        if self.var_variant not in TERM_FORMS["var"]:
+            raise ValueError(f"var_variant={self.var_variant!r}; expected one of {list(TERM_FORMS['var'])}")
         if not isinstance(self.ortho_released_grouping, bool):
             raise TypeError("ortho_released_grouping must be a bool")
         if self.ortho_released_grouping and self.ortho_variant != "span":
@@ -118,6 +124,16 @@ class Objective:
     def ortho_loss_variant(self) -> str:
         """The name passed to ``ortho_loss_forward`` (one of ``ORTHO_VARIANTS``)."""
         return "span_code_grouping" if self.ortho_released_grouping else self.ortho_variant
+
+    @property
+    def forms(self) -> dict:
+        """term -> form name, as :func:`refmoe.losses.term_forward` takes them."""
+        return {"aux": self.aux_variant, "ortho": self.ortho_loss_variant, "var": self.var_variant}
+
+    @property
+    def coefficients(self) -> dict:
+        """term -> coefficient (alpha, beta, gamma)."""
+        return {"aux": self.alpha, "ortho": self.beta, "var": self.gamma}
 
     @property
     def is_calibrated(self) -> bool:
@@ -165,26 +181,14 @@ class ObjectiveResult(NamedTuple):
             alpha aux + beta ortho + gamma var; 'task' = task_loss as given (None when not given);
             'total' = task + regularisers ('total' = 'regularisers' when task_loss is None)
     grads   dict term -> dict name -> array, names 'x' and every parameter. Terms: 'task' (from dy alone),
-            'aux', 'ortho', 'var' (each alone, already multiplied by its coefficient) and 'total'
-            (one backward pass with everything injected; equal to the sum of the four up to round-off)
+            'aux', 'ortho', 'var' (each term's contribution to the total: the gradient of its value times its
+            coefficient) and 'total' (one backward pass with everything injected; equal to the sum of the four
+            up to round-off). This is refmoe's one per-term convention; the golden fixtures use it too.
     """
     y: object
     cache: MoECache
     losses: dict
     grads: dict
-
-
-def resolve_batch_shape(batch_shape, n_tokens: int) -> tuple:
-    """(B, T) with B * T = N; None means the whole batch as one sequence, (1, N)."""
-    if batch_shape is None:
-        return (1, n_tokens)
-    try:
-        B, T = (int(v) for v in batch_shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"batch_shape must be a pair (B, T), got {batch_shape!r}") from None
-    if B < 1 or T < 1 or B * T != n_tokens:
-        raise ValueError(f"batch_shape={(B, T)} does not tile N={n_tokens} tokens (need B * T = N)")
-    return (B, T)
 
 
 def _check_task_loss(task_loss, xp):
@@ -206,14 +210,16 @@ class ObjectiveCache(NamedTuple):
     y: object               # [N, D] layer output
     cache: MoECache         # the layer's cache
     values: dict            # 'aux', 'ortho', 'var': unweighted 0-d arrays
-    loss_caches: tuple      # (aux, ortho, var) caches of the three losses
+    term_caches: dict       # 'aux', 'ortho', 'var': ``refmoe.losses.terms.TermCache``
 
 
-def objective_forward(x, params: dict, cfg: MoEConfig, objective="paper", *, valid_mask=None, batch_shape=None):
+def objective_forward(x, params: dict, cfg: MoEConfig, objective="paper", *, valid_mask=None, batch_shape=None,
+                      forward=None):
     """Layer forward and the three regularisers.  x: [N, D] -> (y [N, D], ObjectiveCache).
 
     Use it with :func:`objective_backward` when the task gradient dy depends on y (a training step);
-    :func:`objective_forward_backward` is the two in one call. Arguments as there.
+    :func:`objective_forward_backward` is the two in one call. Arguments as there; ``forward`` is the layer's
+    forward (default ``refmoe.moe_forward``; ``refmoe.fast.moe_forward`` gives the same numbers faster on a GPU).
     """
     obj = get_objective(objective)
     if not obj.is_calibrated:
@@ -221,21 +227,53 @@ def objective_forward(x, params: dict, cfg: MoEConfig, objective="paper", *, val
             f"objective {obj.name!r} has pending auto-scaled weights (beta={obj.beta}, gamma={obj.gamma}); "
             "calibrate them with refmoe.autoscale_weights(x, params, cfg, objective).objective, "
             "or set them with objective.replace(beta=..., gamma=...)")
-    y, cache = moe_forward(x, params, cfg)                                   # y [N, D]
+    y, cache = (moe_forward if forward is None else forward)(x, params, cfg)   # y [N, D]
     xp = array_namespace(x)
-    N = x.shape[0]
-    check_mask(valid_mask, N, xp)
+    check_mask(valid_mask, x.shape[0], xp)
     mask = valid_mask if obj.padding == "exclude" else None
-    batch_shape = resolve_batch_shape(batch_shape, N)
+    terms = regularisers_forward(cache, obj.forms, valid_mask=mask, batch_shape=batch_shape,
+                                 ortho_eps=obj.ortho_eps)
+    values = {t: v for t, (v, _) in terms.items()}
+    return y, ObjectiveCache(obj, y, cache, values, {t: c for t, (_, c) in terms.items()})
 
-    # the three regularisers on the layer's intermediates
-    l_aux, aux_cache = aux_loss_forward(cache.scores, cache.topk_idx, obj.aux_variant,
-                                        valid_mask=mask, batch_shape=batch_shape)
-    l_ortho, ortho_cache = ortho_loss_forward(cache.expert_out, obj.ortho_loss_variant, eps=obj.ortho_eps,
-                                              topk_idx=cache.topk_idx, valid_mask=mask)
-    l_var, var_cache = var_loss_forward(cache.scores, cache.topk_idx, obj.var_variant, valid_mask=mask)
-    values = {"aux": l_aux, "ortho": l_ortho, "var": l_var}
-    return y, ObjectiveCache(obj, y, cache, values, (aux_cache, ortho_cache, var_cache))
+
+def regularisers_forward(cache: MoECache, forms: dict, *, valid_mask=None, batch_shape=None, ortho_eps=None) -> dict:
+    """term -> (value, TermCache) for each (term, form) of ``forms`` on the layer's cache.
+
+    batch_shape (B, T) tiles the N tokens (token i = b*T + t for every form but ``megatron_seq``, i = t*B + b);
+    None is one sequence, (1, N).
+    """
+    batch_shape = resolve_batch_shape(batch_shape, cache.x.shape[0])
+    return {term: term_forward(term, form, cache, valid_mask=valid_mask, batch_shape=batch_shape,
+                               eps=ortho_eps if term == "ortho" else None)
+            for term, form in forms.items()}
+
+
+def compose_backward(dy, cache: MoECache, term_caches: dict, coefficients: dict, *, per_term: bool = True) -> dict:
+    """Gradients of L = <dy, y> + sum_t c_t L_t, the sum over the terms of ``term_caches``.
+
+    Returns term -> name -> array: 'task' (dy alone) and each term's contribution c_t dL_t (when ``per_term``),
+    and 'total', one backward pass with every injection summed. Each injection is computed with
+    dloss = c_t, so a term's contribution and its share of the total are the same numbers.
+    """
+    injections = {t: term_backward(float(coefficients[t]), tc) for t, tc in term_caches.items()}
+    grads = {}
+    if per_term:
+        grads["task"] = moe_backward(dy, cache)
+        for t, inj in injections.items():
+            grads[t] = moe_backward(None, cache, d_scores=inj.d_scores, d_expert_out=inj.d_expert_out)
+    d_scores = [inj.d_scores for inj in injections.values() if inj.d_scores is not None]           # [N, E] each
+    d_expert_out = [inj.d_expert_out for inj in injections.values() if inj.d_expert_out is not None]  # [N, K, D]
+    grads["total"] = moe_backward(dy, cache, d_scores=_sum(d_scores), d_expert_out=_sum(d_expert_out))
+    return grads
+
+
+def _sum(arrays):
+    """a_0 + a_1 + ... in order, or None for no arrays."""
+    total = None
+    for a in arrays:
+        total = a if total is None else total + a
+    return total
 
 
 def objective_backward(dy, ocache: ObjectiveCache, *, task_loss=None, per_term: bool = True) -> ObjectiveResult:
@@ -246,32 +284,18 @@ def objective_backward(dy, ocache: ObjectiveCache, *, task_loss=None, per_term: 
     if not isinstance(per_term, bool):
         raise TypeError("per_term must be a bool")
     obj, cache = ocache.obj, ocache.cache
-    aux_cache, ortho_cache, var_cache = ocache.loss_caches
     task_loss = _check_task_loss(task_loss, array_namespace(cache.x))
-    l_aux, l_ortho, l_var = (ocache.values[k] for k in ("aux", "ortho", "var"))
-    regularisers = obj.alpha * l_aux + obj.beta * l_ortho + obj.gamma * l_var
+    v = ocache.values
+    regularisers = obj.alpha * v["aux"] + obj.beta * v["ortho"] + obj.gamma * v["var"]
     total = regularisers if task_loss is None else task_loss + regularisers
-    losses = {"task": task_loss, "aux": l_aux, "ortho": l_ortho, "var": l_var,
-              "regularisers": regularisers, "total": total}
-
-    # their gradients on the intermediates, each already weighted (dloss = its coefficient)
-    d_scores_aux = aux_loss_backward(float(obj.alpha), aux_cache)            # [N, E]
-    d_expert_out = ortho_loss_backward(float(obj.beta), ortho_cache)         # [N, K, D]
-    d_scores_var = var_loss_backward(float(obj.gamma), var_cache)            # [N, E]
-
-    grads = {}
-    if per_term:
-        grads["task"] = moe_backward(dy, cache)
-        grads["aux"] = moe_backward(None, cache, d_scores=d_scores_aux)
-        grads["ortho"] = moe_backward(None, cache, d_expert_out=d_expert_out)
-        grads["var"] = moe_backward(None, cache, d_scores=d_scores_var)
-    grads["total"] = moe_backward(dy, cache, d_scores=d_scores_aux + d_scores_var, d_expert_out=d_expert_out)
+    losses = {"task": task_loss, **v, "regularisers": regularisers, "total": total}
+    grads = compose_backward(dy, cache, ocache.term_caches, obj.coefficients, per_term=per_term)
     return ObjectiveResult(ocache.y, cache, losses, grads)
 
 
 def objective_forward_backward(x, params: dict, cfg: MoEConfig, dy=None, objective="paper", *,
                                task_loss=None, valid_mask=None, batch_shape=None,
-                               per_term: bool = True) -> ObjectiveResult:
+                               per_term: bool = True, forward=None) -> ObjectiveResult:
     r"""Layer forward, the three regularisers, and the gradients of every term.
 
     .. math:: L = L_h + \alpha L_{aux}(P, T) + \beta L_o(\tilde x) + \gamma L_v(P, T)
@@ -285,6 +309,7 @@ def objective_forward_backward(x, params: dict, cfg: MoEConfig, dy=None, objecti
     batch_shape (B, T) layout of the N tokens, token i = b*T + t. Only ``deepseek_seq`` uses it; the
                 default None treats the whole batch as one sequence, (1, N)
     per_term    False skips the four per-term backward passes (grads then holds 'total' only)
+    forward     the layer's forward: None for ``refmoe.moe_forward``, or ``refmoe.fast.moe_forward``
     Returns ObjectiveResult(y, cache, losses, grads); see its docstring.
 
     Gradients reach the parameters through the layer's backward: L_aux and L_v inject d_scores [N, E]
@@ -292,5 +317,6 @@ def objective_forward_backward(x, params: dict, cfg: MoEConfig, dy=None, objecti
     """
     if not isinstance(per_term, bool):
         raise TypeError("per_term must be a bool")
-    _, ocache = objective_forward(x, params, cfg, objective, valid_mask=valid_mask, batch_shape=batch_shape)
+    _, ocache = objective_forward(x, params, cfg, objective, valid_mask=valid_mask, batch_shape=batch_shape,
+                                  forward=forward)
     return objective_backward(dy, ocache, task_loss=task_loss, per_term=per_term)

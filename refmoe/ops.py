@@ -1,7 +1,8 @@
 """Elementary ops of the MoE layer, each a pure forward/backward pair.
 
-Dimension letters (used in every shape comment of the package):
-    N tokens, D model width, H expert hidden width, E routed experts, K selected experts per token.
+Dimension letters:
+    N tokens, D model width, H expert hidden width, E routed experts, K selected experts per token,
+    M rows fed to one SwiGLU (the tokens of one expert, or all N for the shared expert).
 
 Every ``*_forward`` returns ``(out, cache)`` and every ``*_backward(dout, cache)`` returns one gradient per
 differentiable input, in the forward's order. Integer inputs (expert indices) have zero gradient and get none.
@@ -18,9 +19,14 @@ from .backend import array_namespace
 # linear map  z = x @ W.T   (router logits: x [N, D], W [E, D] -> z [N, E])
 # ----------------------------------------------------------------------------------------------
 
+class LinearCache(NamedTuple):
+    x: object        # [N, D]
+    w: object        # [E, D]
+
+
 def linear_forward(x, w):
     """z = x W^T.  x: [N, D], w: [E, D] -> z: [N, E]."""
-    return x @ w.T, (x, w)
+    return x @ w.T, LinearCache(x, w)
 
 
 def linear_backward(dz, cache):
@@ -66,25 +72,35 @@ def topk_indices(scores, k: int):
     return order[:, :k].astype(xp.int64)
 
 
+class GatherCache(NamedTuple):
+    idx: object      # [N, K] int64
+    shape: tuple     # (N, E)
+
+
 def gather_forward(scores, idx):
     """sel_ik = scores[i, idx_ik].  scores: [N, E], idx: [N, K] -> sel: [N, K]."""
     xp = array_namespace(scores)
-    return xp.take_along_axis(scores, idx, axis=1), (idx, scores.shape)
+    return xp.take_along_axis(scores, idx, axis=1), GatherCache(idx, tuple(scores.shape))
 
 
-def gather_backward(dsel, cache):
-    """dscores[i, idx_ik] = dsel_ik, zero elsewhere (idx has distinct entries per row).  Returns [N, E]."""
+def gather_backward(d_sel, cache: GatherCache):
+    """d_scores[i, idx_ik] = d_sel_ik, zero elsewhere (idx has distinct entries per row).  Returns [N, E]."""
     idx, shape = cache
-    xp = array_namespace(dsel)
-    dscores = xp.zeros(shape, dtype=dsel.dtype)
+    xp = array_namespace(d_sel)
+    d_scores = xp.zeros(shape, dtype=d_sel.dtype)
     rows = xp.arange(shape[0])[:, None]  # [N, 1]
-    dscores[rows, idx] = dsel  # plain assignment is exact: the K indices of a row are distinct
-    return dscores
+    d_scores[rows, idx] = d_sel  # plain assignment is exact: the K indices of a row are distinct
+    return d_scores
 
 
 # ----------------------------------------------------------------------------------------------
 # renormalisation of the selected scores:  g_ik = sel_ik / sum_l sel_il
 # ----------------------------------------------------------------------------------------------
+
+class RenormCache(NamedTuple):
+    g: object        # [N, K] renormalised scores
+    z: object        # [N, 1] row sums of the selected scores
+
 
 def renorm_forward(sel):
     r"""g_ik = sel_ik / Z_i, Z_i = \sum_l sel_il.  sel: [N, K] -> g: [N, K].
@@ -93,11 +109,11 @@ def renorm_forward(sel):
     """
     z = sel.sum(axis=1, keepdims=True)  # [N, 1]
     g = sel / z
-    return g, (g, z)
+    return g, RenormCache(g, z)
 
 
-def renorm_backward(dg, cache):
-    r"""dsel_ik = (dg_ik - \sum_l dg_il g_il) / Z_i.  Returns dsel [N, K]."""
+def renorm_backward(dg, cache: RenormCache):
+    r"""d_sel_ik = (dg_ik - \sum_l dg_il g_il) / Z_i.  Returns d_sel [N, K]."""
     g, z = cache
     return (dg - (dg * g).sum(axis=1, keepdims=True)) / z
 
@@ -107,8 +123,8 @@ def renorm_backward(dg, cache):
 # ----------------------------------------------------------------------------------------------
 
 class TopkScoresCache(NamedTuple):
-    gather: tuple
-    renorm: tuple
+    gather: GatherCache
+    renorm: RenormCache
 
 
 def topk_scores_forward(scores, idx):
@@ -122,13 +138,13 @@ def topk_scores_forward(scores, idx):
     return (S, s_sel), TopkScoresCache(gcache, rcache)
 
 
-def topk_scores_backward(dS, cache: TopkScoresCache, ds_sel=None):
-    """Gradient into the full scores from dS [N, E] (only entries on the support matter) and/or ds_sel [N, K]."""
-    xp = array_namespace(dS, ds_sel)
-    idx = cache.gather[0]
-    d_sel = xp.take_along_axis(dS, idx, axis=1) if dS is not None else 0
-    if ds_sel is not None:
-        d_sel = d_sel + ds_sel
+def topk_scores_backward(d_S, cache: TopkScoresCache, d_s_sel=None):
+    """Gradient into the full scores from d_S [N, E] (only entries on the support matter) and/or d_s_sel [N, K]."""
+    xp = array_namespace(d_S, d_s_sel)
+    idx = cache.gather.idx
+    d_sel = xp.take_along_axis(d_S, idx, axis=1) if d_S is not None else 0
+    if d_s_sel is not None:
+        d_sel = d_sel + d_s_sel
     return gather_backward(renorm_backward(d_sel, cache.renorm), cache.gather)
 
 

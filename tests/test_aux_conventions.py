@@ -30,8 +30,8 @@ def random_layer(rng, n, e=E, k=K):
 def single(name, scores, idx, **kw):
     """Single-layer value and d_scores for any convention (multi-layer ones on one layer)."""
     if name == "gshard_first_choice":
-        loss, c = conv.gshard_first_choice_forward(scores, idx, valid_mask=kw.get("valid_mask"))
-        return loss, conv.gshard_first_choice_backward(1.0, c)
+        loss, c = aux_loss_forward(scores, idx, "gshard_first_choice", valid_mask=kw.get("valid_mask"))
+        return loss, aux_loss_backward(1.0, c)
     if name == "hf_mixtral":
         loss, c = conv.hf_mixtral_forward([(scores, idx)], valid_mask=kw.get("valid_mask"))
         return loss, conv.layers_backward(1.0, c)[0]
@@ -273,9 +273,9 @@ def test_convention_gradients_fd(rng):
         errs = check_vjp(f, {"s0": layers[0][0], "s1": layers[1][0]}, {"s0": d[0], "s1": d[1]})
         assert_all_below(errs)                                       # measured ~1e-10; pass mark 1e-7
     s, idx = layers[0]
-    loss, c = conv.gshard_first_choice_forward(s, idx, valid_mask=mask)
-    errs = check_vjp(lambda inp: conv.gshard_first_choice_forward(inp["s"], idx, valid_mask=mask)[0],
-                     {"s": s}, {"s": conv.gshard_first_choice_backward(1.0, c)})
+    loss, c = aux_loss_forward(s, idx, "gshard_first_choice", valid_mask=mask)
+    errs = check_vjp(lambda inp: aux_loss_forward(inp["s"], idx, "gshard_first_choice", valid_mask=mask)[0],
+                     {"s": s}, {"s": aux_loss_backward(1.0, c)})
     assert_all_below(errs)
 
 
@@ -293,7 +293,7 @@ def test_float32_stays_float32_and_bad_input(rng):
     with pytest.raises(ValueError, match="layer 0"):
         conv.hf_mixtral_forward([(s, idx), (s[:4], idx[:4])])
     with pytest.raises(ValueError, match="logits"):
-        conv.gshard_first_choice_forward(np.log(s), idx)
+        aux_loss_forward(np.log(s), idx, "gshard_first_choice")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def test_properties_on_random_shapes(E_, data):
     assert float(conv.hf_mixtral_forward([(s, idx), (s, idx)])[0]) == pytest.approx(K_, rel=1e-12)
     assert float(conv.megatron_forward([(s, idx)], "micro_batch")[0]) == pytest.approx(1.0, rel=1e-12)
     assert float(conv.megatron_forward([(s, idx)], "global")[0]) == pytest.approx(1.0, rel=1e-12)
-    assert float(conv.gshard_first_choice_forward(s, idx)[0]) == pytest.approx(1.0, rel=1e-12)
+    assert float(aux_loss_forward(s, idx, "gshard_first_choice")[0]) == pytest.approx(1.0, rel=1e-12)
     # masked == truncated for random scores and a random mask
     N = data.draw(st.integers(2, 9))
     s, idx = random_layer(rng, N, E_, K_)

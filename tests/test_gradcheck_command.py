@@ -29,7 +29,8 @@ def test_k_equal_e_makes_the_balance_loss_constant(capsys):
     The command reports a zero gradient there instead of a meaningless relative error."""
     assert main(["gradcheck", "--backend", "numpy", "--experts", "3", "--top-k", "3", "--shared", "0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    aux = [r for r in out["checks"] if r["check"].startswith("L_aux")]
+    # gshard_first_choice counts first choices only, which still vary with K = E: not constant
+    aux = [r for r in out["checks"] if r["check"].startswith("L_aux") and "gshard_first_choice" not in r["check"]]
     assert aux and all(r["status"] == "zero" for r in aux)
     assert all(r["max_abs_grad"] < 1e-12 and r["max_abs_numeric"] < 1e-7 for r in aux)
     assert any(r["error"] > 1e-4 for r in aux)  # what a plain floored relative error would have said

@@ -24,7 +24,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from ..backend import backend_name
-    from ..checks import FD_ZERO_RESOLUTION, row_status, run_all_checks
+    from ..gradcheck import FD_ZERO_RESOLUTION, row_status, run_all_checks
     from ..config import MoEConfig
 
     cfg = MoEConfig(d_model=args.d_model, d_hidden=args.d_hidden, n_experts=args.experts, top_k=args.top_k,

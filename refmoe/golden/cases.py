@@ -16,14 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import ops
 from ..backend import get_xp, to_numpy
 from ..config import MoEConfig
-from ..layer import init_params, moe_backward, moe_forward
-from ..losses import aux_conventions
-from ..losses.aux import AUX_VARIANTS, aux_loss_backward, aux_loss_forward
+from ..layer import init_params, moe_forward
+from ..losses.terms import TERM_FORMS
+from ..autoscale import autoscale_weights
+from ..objective import PRESETS, compose_backward, regularisers_forward
 
-# Forms of L_aux a case may use: the registered ones plus GShard's first-choice f (needs the slot order).
-AUX_FORMS = tuple(sorted(AUX_VARIANTS)) + ("gshard_first_choice",)
+# Forms of L_aux a case may use (the order of the default grid's cases)
+AUX_FORMS = tuple(sorted(f for f in TERM_FORMS["aux"] if f != "gshard_first_choice")) + ("gshard_first_choice",)
 MIN_MARGIN = 1e-3        # non-tie cases keep the K-th and (K+1)-th score at least this far apart
 
 
@@ -73,9 +75,7 @@ class CaseSpec:
 # ----------------------------------------------------------------------------------------------
 
 def _topk_margin(x, w_router, k):
-    z = x @ w_router.T
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    p, _ = ops.softmax_forward(x @ w_router.T)
     srt = np.sort(p, axis=1)[:, ::-1]
     return np.inf if k == p.shape[1] else float((srt[:, k - 1] - srt[:, k]).min())
 
@@ -106,7 +106,7 @@ def make_inputs(spec: CaseSpec):
             x = rng.standard_normal((spec.n_tokens, spec.d_model))
         dy = rng.standard_normal((spec.n_tokens, spec.d_model))
         if spec.ties:
-            scores = _softmax(x @ params["w_router"].T)
+            scores, _ = ops.softmax_forward(x @ params["w_router"].T)
             idx = np.argsort(-scores, axis=1, kind="stable")[:, :spec.top_k]
             straddle = (idx == 1).any(axis=1) ^ (idx == 2).any(axis=1)   # a tie decided by the rule
             if straddle[1:].any():
@@ -130,9 +130,6 @@ def resolve_preset(spec: CaseSpec) -> CaseSpec:
     """
     if spec.preset is None:
         return spec
-    from ..autoscale import autoscale_weights
-    from ..objective import PRESETS
-
     if spec.preset not in PRESETS:
         raise ValueError(f"case {spec.name!r}: preset={spec.preset!r}; expected one of {sorted(PRESETS)}")
     obj = PRESETS[spec.preset]
@@ -146,38 +143,9 @@ def resolve_preset(spec: CaseSpec) -> CaseSpec:
                         ortho_eps=obj.ortho_eps, mask_in_losses=obj.padding == "exclude")
 
 
-def _softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 # ----------------------------------------------------------------------------------------------
-# the losses of a case: value and d(intermediate) for dloss = 1
+# the arrays of a case
 # ----------------------------------------------------------------------------------------------
-
-def aux_form(scores, topk_idx, form, *, valid_mask=None, batch_shape=None):
-    """(loss, d_scores [N, E]) of any form in ``AUX_FORMS``."""
-    if form == "gshard_first_choice":
-        loss, c = aux_conventions.gshard_first_choice_forward(scores, topk_idx, valid_mask=valid_mask)
-        return loss, aux_conventions.gshard_first_choice_backward(1.0, c)
-    loss, c = aux_loss_forward(scores, topk_idx, form, valid_mask=valid_mask, batch_shape=batch_shape)
-    return loss, aux_loss_backward(1.0, c)
-
-
-def _ortho(cache, spec, mask):
-    from ..losses.ortho import ortho_loss_backward, ortho_loss_forward
-
-    loss, c = ortho_loss_forward(cache.expert_out, spec.ortho, eps=spec.ortho_eps, topk_idx=cache.topk_idx,
-                                 valid_mask=mask)
-    return loss, ortho_loss_backward(1.0, c)
-
-
-def _var(cache, spec, mask):
-    from ..losses.variance import var_loss_backward, var_loss_forward
-
-    loss, c = var_loss_forward(cache.scores, cache.topk_idx, spec.var, valid_mask=mask)
-    return loss, var_loss_backward(1.0, c)
-
 
 def compute_case(spec: CaseSpec, backend: str = "numpy") -> dict:
     """All arrays of a case (host NumPy, the case's dtype), keyed as in ``refmoe.golden.format``."""
@@ -211,36 +179,16 @@ def evaluate(spec: CaseSpec, x, params: dict, dy, valid) -> dict:
     mask = valid if (spec.padding and spec.mask_in_losses) else None
 
     y, cache = moe_forward(x, params, cfg)
-    terms = {"task": ((dy * y).sum(), {})}
-    l_aux, d_aux = aux_form(cache.scores, cache.topk_idx, spec.aux, valid_mask=mask, batch_shape=spec.batch_shape)
-    terms["aux"] = (l_aux, {"d_scores": d_aux})
-    if spec.ortho is not None:
-        l_o, d_o = _ortho(cache, spec, mask)
-        terms["ortho"] = (l_o, {"d_expert_out": d_o})
-    if spec.var is not None:
-        l_v, d_v = _var(cache, spec, mask)
-        terms["var"] = (l_v, {"d_scores": d_v})
-
-    grads = {"task": moe_backward(dy, cache)}
-    for term in ("aux", "ortho", "var"):
-        if term in terms:
-            grads[term] = moe_backward(None, cache, **terms[term][1])
-    # total = task + alpha aux + beta ortho + gamma var: one backward with every gradient injected
+    forms = {"aux": spec.aux, "ortho": spec.ortho, "var": spec.var}
+    forms = {t: f for t, f in forms.items() if f is not None}
+    terms = regularisers_forward(cache, forms, valid_mask=mask, batch_shape=spec.batch_shape,
+                                 ortho_eps=spec.ortho_eps)
     coef = {"aux": spec.alpha, "ortho": spec.beta, "var": spec.gamma}
-    total = terms["task"][0]
-    d_scores_total = 0                                                  # [N, E] after the aux term
-    d_eo_total = None                                                   # [N, K, D] with L_o
-    for term in ("aux", "ortho", "var"):
-        if term not in terms:
-            continue
-        c = float(coef[term])
-        total = total + c * terms[term][0]
-        inj = terms[term][1]
-        if "d_scores" in inj:
-            d_scores_total = d_scores_total + c * inj["d_scores"]
-        else:
-            d_eo_total = c * inj["d_expert_out"]
-    grads["total"] = moe_backward(dy, cache, d_scores=d_scores_total, d_expert_out=d_eo_total)
+    grads = compose_backward(dy, cache, {t: c for t, (_, c) in terms.items()}, coef)
+    task = (dy * y).sum()
+    total = task
+    for t, (value, _) in terms.items():                                 # total = task + alpha aux + ...
+        total = total + float(coef[t]) * value
 
     out = {"input/x": x, "input/dy": dy, "input/valid_mask": valid}
     out.update({f"param/{k}": v for k, v in params.items()})
@@ -249,6 +197,7 @@ def evaluate(spec: CaseSpec, x, params: dict, dy, valid) -> dict:
         if value is not None:
             out[f"inter/{name}"] = value
     out["inter/y"] = y
+    out["loss/task"] = task
     for term, (value, _) in terms.items():
         out[f"loss/{term}"] = value
     out["loss/total"] = total

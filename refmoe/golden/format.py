@@ -6,8 +6,9 @@ Arrays are stored under slash-separated keys:
     inter/logits [N, E]  inter/scores [N, E]  inter/topk_idx [N, K] int64  inter/gates [N, K]
     inter/expert_out [N, K, D]  inter/y [N, D]  (inter/shared_out [N, D] with shared experts)
     loss/<term> []                     term in task, aux, ortho, var, total
-    grad/<term>/<name>                 gradient of that term alone (unweighted; 'total' weighted) for
-                                       name = x and every parameter, same shape and dtype as the input
+    grad/<term>/<name>                 the term's contribution to grad/total: the gradient of its value times
+                                       its coefficient (task: 1), for name = x and every parameter, same shape
+                                       and dtype as the input (schema 2; schema 1 stored them unweighted)
 
 Files are written deterministically (sorted keys, fixed zip timestamps, no compression, no pickles), so the
 same refmoe and NumPy versions regenerate them bit for bit. They load with ``allow_pickle=False``.
@@ -22,10 +23,9 @@ import zipfile
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FORMAT_NAME = "refmoe-golden"
 MANIFEST = "manifest.json"
-TERMS = ("task", "aux", "ortho", "var", "total")
 GROUPS = ("input", "param", "inter", "loss", "grad")
 OUTPUT_GROUPS = ("inter", "loss", "grad")           # what an implementation must reproduce
 TIE_RULE = ("top-k keeps the K largest scores in descending order; among exactly equal scores the lower "

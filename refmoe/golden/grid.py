@@ -1,40 +1,28 @@
 """The default grid of golden cases: one change from a base case at a time, so a failure names its cause."""
 from __future__ import annotations
 
-import importlib.util
-
 from .cases import AUX_FORMS, CaseSpec
 
 BASE = CaseSpec(name="base", description="E=4, K=2, D=6, H=5, N=8 as (B, T) = (2, 4); switch + pairwise + paper")
 
 
-def _have(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def default_cases() -> list:
     """The cases ``refmoe golden write`` produces by default (a few seconds in all on one CPU core)."""
-    have_ortho, have_var = _have("refmoe.losses.ortho"), _have("refmoe.losses.variance")
-    base = BASE.replace(ortho=BASE.ortho if have_ortho else None, var=BASE.var if have_var else None)
+    base = BASE
     cases = [base]
     for form in AUX_FORMS:
         if form != base.aux:
             cases.append(base.replace(name=f"aux_{form}", aux=form, description=f"L_aux form {form}"))
-    if have_ortho:
-        for form in ("span", "span_code_grouping"):
-            cases.append(base.replace(name=f"ortho_{form}", ortho=form, description=f"L_o form {form}"))
-    if have_var:
-        for form in ("code", "row_topk"):
-            cases.append(base.replace(name=f"var_{form}", var=form, description=f"L_v form {form}"))
-    if have_ortho and have_var and _have("refmoe.objective"):
-        cases += [
-            base.replace(name="preset_paper", preset="paper", padding=(5, 7),
-                         description="preset 'paper': switch, pairwise, paper, 1e-3 each; padding excluded"),
-            base.replace(name="preset_authors_code", preset="authors_code", padding=(5, 7),
-                         description="preset 'authors_code': deepseek_seq, span, code; beta and gamma by the "
-                                     "released power-of-ten calibration on this batch; padding included"),
-        ]
+    for form in ("span", "span_code_grouping"):
+        cases.append(base.replace(name=f"ortho_{form}", ortho=form, description=f"L_o form {form}"))
+    for form in ("code", "row_topk"):
+        cases.append(base.replace(name=f"var_{form}", var=form, description=f"L_v form {form}"))
     cases += [
+        base.replace(name="preset_paper", preset="paper", padding=(5, 7),
+                     description="preset 'paper': switch, pairwise, paper, 1e-3 each; padding excluded"),
+        base.replace(name="preset_authors_code", preset="authors_code", padding=(5, 7),
+                     description="preset 'authors_code': deepseek_seq, span, code; beta and gamma by the "
+                                 "released power-of-ten calibration on this batch; padding included"),
         base.replace(name="shared", n_shared=2, description="two shared experts (fused, hidden 2H)"),
         base.replace(name="no_renorm", norm_topk_prob=False, description="gates = raw top-k scores"),
         base.replace(name="k1", top_k=1, description="K = 1 (L_o has no pairs and is 0)"),

@@ -78,7 +78,8 @@ def write_golden(directory, cases=None, *, backend: str | None = "numpy") -> dic
         "tie_rule": fmt.TIE_RULE,
         "task_loss": "L_h = <dy, y>; its gradient is the layer's vector-Jacobian product with dy",
         "total": "total = L_h + alpha L_aux + beta L_o + gamma L_v",
-        "grad_terms": "grad/<term>/* is the gradient of that term alone, unweighted; grad/total/* is weighted",
+        "grad_terms": ("grad/<term>/* is the term's contribution to grad/total: the gradient of loss/<term> times "
+                       "its coefficient (1 for task); grad/total/* is their sum"),
         "tolerances": fmt.TOLERANCES,
         "tolerance_rule": "max|got - want| <= atol + rtol * max|want| per tensor; integers and bools exact",
         "cases": entries,

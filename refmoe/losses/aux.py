@@ -10,11 +10,15 @@ batch layout. The counts come from the hard top-k selection, so f (and W) has ze
 dQ = dL * W, chained through the renormalisation when Q = S. A variant is therefore just a function that
 builds W; ``AUX_VARIANTS`` maps names to those builders.
 
-Variants (paper-math.md):
+Variants (docs/spec.md, section on L_aux):
     paper_eq2       sum_j f_j p_j,  f_j = c_j / N, p_j = sum_i S_ij           balanced value N K / E
     switch          E sum_j f_j Pbar_j, f_j = c_j / N, Pbar_j = mean_i P_ij   balanced value K
     deepseek_batch  sum_j f_j Pbar_j, f_j = E c_j / (N K)                     balanced value 1
     deepseek_seq    deepseek_batch per sequence ([B, T] layout), mean over B  balanced value 1
+    megatron_seq    deepseek_seq on Megatron-Core's sequence-major token order, token i = t*B + b
+                    (its activations are [T, B, D]); ``sequence_load_balancing_loss_func``  balanced value 1
+    gshard_first_choice  switch with f from each token's FIRST choice only (GShard, DeepSpeed top-1/top-2
+                    gating, fairseq, Tutel): E sum_j f1_j Pbar_j               balanced value 1
 with c_j the number of (valid) tokens routing to expert j and N the number of valid tokens.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from .. import ops
-from ._checks import check_mask, check_scores, check_topk
+from ..checks import check_mask, check_scores, check_topk, mask_weights, resolve_batch_shape
 
 
 class AuxInputs(NamedTuple):
@@ -78,11 +82,22 @@ def _w_deepseek_seq(a: AuxInputs):
     return w.reshape(B * T, E)
 
 
+def _w_megatron_seq(a: AuxInputs):
+    """deepseek_seq on a sequence-major token order: token i = t*B + b."""
+    B, T = a.batch_shape
+    E = a.n_experts
+    routed_bt = a.routed.reshape(T, B, E).transpose(1, 0, 2).reshape(B * T, E)   # [B*T, E] batch-major
+    valid_bt = a.valid.reshape(T, B).T.reshape(B * T)                             # [B*T]
+    w_bt = _w_deepseek_seq(a._replace(routed=routed_bt, valid=valid_bt))
+    return w_bt.reshape(B, T, E).transpose(1, 0, 2).reshape(B * T, E)             # back to [T*B, E]
+
+
 class AuxVariant(NamedTuple):
     weights: Callable[[AuxInputs], object]
     on_topk_scores: bool        # True: Q = S (post-top-k, renormalised); False: Q = P (full softmax)
     needs_batch_shape: bool
     balanced_value: Callable[[int, int, int], float]   # (N, E, K) -> value at perfect balance
+    first_choice_only: bool = False   # True: the counts see only slot 0 of topk_idx (the first choice)
 
 
 AUX_VARIANTS: dict[str, AuxVariant] = {
@@ -90,6 +105,8 @@ AUX_VARIANTS: dict[str, AuxVariant] = {
     "switch": AuxVariant(_w_switch, False, False, lambda N, E, K: float(K)),
     "deepseek_batch": AuxVariant(_w_deepseek_batch, False, False, lambda N, E, K: 1.0),
     "deepseek_seq": AuxVariant(_w_deepseek_seq, False, True, lambda N, E, K: 1.0),
+    "megatron_seq": AuxVariant(_w_megatron_seq, False, True, lambda N, E, K: 1.0),
+    "gshard_first_choice": AuxVariant(_w_switch, False, False, lambda N, E, K: 1.0, first_choice_only=True),
 }
 
 
@@ -117,7 +134,8 @@ def aux_loss_forward(scores, topk_idx, variant: str = "switch", *, valid_mask=No
 
     variant      one of AUX_VARIANTS (see the module docstring)
     valid_mask   optional [N] bool, True = real token; padding is excluded from counts and means
-    batch_shape  (B, T) with B*T = N, token i = b*T + t; required by ``deepseek_seq``
+    batch_shape  (B, T) with B*T = N, token i = b*T + t (``megatron_seq``: i = t*B + b); required by the
+                 per-sequence forms
     Returns (loss, cache); loss is a 0-d array on the scores' backend and dtype.
     """
     if variant not in AUX_VARIANTS:
@@ -130,13 +148,11 @@ def aux_loss_forward(scores, topk_idx, variant: str = "switch", *, valid_mask=No
     if spec.needs_batch_shape:
         if batch_shape is None:
             raise ValueError(f"variant={variant!r} needs batch_shape=(B, T)")
-        B, T = (int(v) for v in batch_shape)
-        if B < 1 or T < 1 or B * T != N:
-            raise ValueError(f"batch_shape={tuple(batch_shape)} does not tile N={N} tokens")
-        batch_shape = (B, T)
-    valid = xp.ones(N, dtype=scores.dtype) if mask is None else mask.astype(scores.dtype)
-    routed = routing_map(topk_idx, E, scores.dtype, xp)
-    w = spec.weights(AuxInputs(routed, valid, E, topk_idx.shape[1], batch_shape, xp))
+        batch_shape = resolve_batch_shape(batch_shape, N)
+    valid = mask_weights(mask, N, scores.dtype, xp)                                 # [N]
+    counted = topk_idx[:, :1] if spec.first_choice_only else topk_idx              # [N, K] or [N, 1]
+    routed = routing_map(counted, E, scores.dtype, xp)                              # [N, E]
+    w = spec.weights(AuxInputs(routed, valid, E, counted.shape[1], batch_shape, xp))
     if spec.on_topk_scores:
         (q, _), topk_cache = ops.topk_scores_forward(scores, topk_idx)
     else:

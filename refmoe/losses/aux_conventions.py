@@ -7,12 +7,12 @@ Every form is linear in the scores once the routing is fixed, :math:`L = \sum_{t
 built from counts only (zero gradient), so each backward is ``d_scores = dloss * W`` (as in ``aux.py``).
 
 Single layer
-    megatron_seq          (registered in ``AUX_VARIANTS``) Megatron-Core ``sequence_load_balancing_loss_func``:
-                          per sequence E/(K T) sum_j c_bj Pbar_bj, mean over B. Megatron activations are
-                          [T, B, D], so flattened token i = t*B + b (sequence-major), unlike ``deepseek_seq``
-                          (i = b*T + t). Balanced value 1.
-    gshard_first_choice   GShard / DeepSpeed top-1 and top-2 gating / fairseq / Tutel:
-                          E sum_j f1_j Pbar_j with f1_j the fraction of tokens whose FIRST choice is j
+    megatron_seq          (a form of ``aux_loss_forward``, in ``aux.py``) Megatron-Core
+                          ``sequence_load_balancing_loss_func``: per sequence E/(K T) sum_j c_bj Pbar_bj, mean
+                          over B. Megatron activations are [T, B, D], so flattened token i = t*B + b
+                          (sequence-major), unlike ``deepseek_seq`` (i = b*T + t). Balanced value 1.
+    gshard_first_choice   (a form of ``aux_loss_forward``) GShard / DeepSpeed top-1 and top-2 gating / fairseq
+                          / Tutel: E sum_j f1_j Pbar_j with f1_j the fraction of tokens whose FIRST choice is j
                           (the second choice never enters f). Balanced value 1.
 Several layers: a function of a list of per-layer ``(scores, topk_idx)``
     hf_mixtral            HF ``load_balancing_loss_func`` (Mixtral, Qwen2/3-MoE, OLMoE): the layers are
@@ -36,49 +36,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import array_namespace
-from .aux import AUX_VARIANTS, AuxCache, AuxInputs, AuxVariant, aux_loss_backward, aux_loss_forward, routing_map
-from ._checks import check_mask, check_scores, check_topk
+from ..checks import check_mask, check_scores, check_topk, mask_weights
+from .aux import AuxCache, aux_loss_backward, aux_loss_forward, routing_map
 
 MEGATRON_SCOPES = ("micro_batch", "seq", "global")
 CONVENTIONS = ("megatron_seq", "gshard_first_choice", "hf_mixtral", "megatron")
-
-
-# ----------------------------------------------------------------------------------------------
-# megatron_seq: a weight builder registered beside the four forms of aux.py
-# ----------------------------------------------------------------------------------------------
-
-def _w_megatron_seq(a: AuxInputs):
-    """deepseek_seq on a sequence-major token order: token i = t*B + b."""
-    B, T = a.batch_shape
-    E = a.n_experts
-    routed_bt = a.routed.reshape(T, B, E).transpose(1, 0, 2).reshape(B * T, E)   # [B*T, E] batch-major
-    valid_bt = a.valid.reshape(T, B).T.reshape(B * T)                             # [B*T]
-    w_bt = AUX_VARIANTS["deepseek_seq"].weights(a._replace(routed=routed_bt, valid=valid_bt))
-    return w_bt.reshape(B, T, E).transpose(1, 0, 2).reshape(B * T, E)             # back to [T*B, E]
-
-
-AUX_VARIANTS["megatron_seq"] = AuxVariant(_w_megatron_seq, False, True, lambda N, E, K: 1.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# GShard / DeepSpeed: f from the first choice only
-# ----------------------------------------------------------------------------------------------
-
-def gshard_first_choice_forward(scores, topk_idx, *, valid_mask=None):
-    r"""E \sum_j f1_j \bar P_j with f1_j = #{valid t : topk_idx[t, 0] = j} / N_valid.  Balanced value 1.
-
-    scores [N, E] full softmax; topk_idx [N, K] in descending score order (column 0 = first choice).
-    Returns (loss, cache) like :func:`aux_loss_forward`; it is the ``switch`` form on column 0.
-    """
-    xp = check_scores(scores)
-    check_topk(topk_idx, scores.shape[0], scores.shape[1], xp)
-    loss, cache = aux_loss_forward(scores, topk_idx[:, :1], "switch", valid_mask=valid_mask)
-    return loss, cache._replace(variant="gshard_first_choice")
-
-
-def gshard_first_choice_backward(dloss, cache: AuxCache):
-    """d_scores [N, E] = dloss * W; the first-choice counts have zero gradient."""
-    return aux_loss_backward(dloss, cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +118,7 @@ def megatron_global_counts(micro_batches, valid_masks=None) -> GlobalCounts:
         ref = (E, K, len(layers))
         xp = array_namespace(layers[0][0])
         mask = check_mask(valid_masks[m], N, xp)
-        valid = xp.ones(N, dtype=layers[0][0].dtype) if mask is None else mask.astype(layers[0][0].dtype)
+        valid = mask_weights(mask, N, layers[0][0].dtype, xp)
         here = [(valid[:, None] * routing_map(idx, E, s.dtype, xp)).sum(axis=0) for s, idx in layers]   # L x [E]
         counts = here if counts is None else [a + b for a, b in zip(counts, here)]
         n_tokens = n_tokens + valid.sum()
@@ -167,7 +129,7 @@ def _global_layer(scores, topk_idx, mask, stats: GlobalCounts, layer: int):
     r"""E/(K T_g^2) \sum_j c^g_j \sum_{t in this micro-batch} s_tj  (one layer, one micro-batch)."""
     xp = array_namespace(scores)
     N, E = scores.shape
-    valid = xp.ones(N, dtype=scores.dtype) if mask is None else mask.astype(scores.dtype)
+    valid = mask_weights(mask, N, scores.dtype, xp)
     c = stats.counts[layer]
     if tuple(c.shape) != (E,) or stats.top_k != topk_idx.shape[1]:
         raise ValueError(f"global counts are for (E, K) = {(c.shape[0], stats.top_k)}, "
@@ -216,10 +178,6 @@ def layers_backward(dloss, cache: LayersCache) -> list:
         d = aux_loss_backward(dloss, cache.caches[0])                         # [L*N, E]
         return [d[l * cache.n_tokens:(l + 1) * cache.n_tokens] for l in range(cache.n_layers)]
     return [aux_loss_backward(dloss, c) for c in cache.caches]
-
-
-hf_mixtral_backward = layers_backward
-megatron_backward = layers_backward
 
 
 def balanced_value(name: str, n_experts: int, top_k: int, n_layers: int = 1) -> float:

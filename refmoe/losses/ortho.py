@@ -45,11 +45,19 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import array_namespace
-from ._checks import check_mask, check_topk
+from ..checks import check_float_array, check_mask, check_topk, mask_weights
 from .ortho_span import span_backward, span_per_token
 
-ORTHO_VARIANTS = ("pairwise", "span", "span_code_grouping")
-DEFAULT_EPS = {"pairwise": 1e-12, "span": 1e-6, "span_code_grouping": 1e-6}
+class OrthoVariant(NamedTuple):
+    default_eps: float
+    released_grouping: bool     # True: regroup the rows expert-major first, as the released code does
+
+
+ORTHO_VARIANTS: dict[str, OrthoVariant] = {
+    "pairwise": OrthoVariant(1e-12, False),
+    "span": OrthoVariant(1e-6, False),
+    "span_code_grouping": OrthoVariant(1e-6, True),
+}
 
 
 class OrthoCache(NamedTuple):
@@ -123,34 +131,21 @@ def _grouped(A, order):
 # forward / backward
 # ----------------------------------------------------------------------------------------------
 
-def _check_expert_out(expert_out):
-    xp = array_namespace(expert_out)
-    if expert_out.ndim != 3:
-        raise ValueError(f"expert_out must be [N, K, D], got shape {tuple(expert_out.shape)}")
-    if expert_out.shape[0] == 0 or expert_out.shape[1] == 0 or expert_out.shape[2] == 0:
-        raise ValueError(f"expert_out has an empty dimension: shape {tuple(expert_out.shape)}")
-    if expert_out.dtype.type not in (np.float32, np.float64):
-        raise TypeError(f"expert_out has dtype {expert_out.dtype}; use float32 or float64")
-    if not bool(xp.isfinite(expert_out).all()):
-        raise ValueError("expert_out contains NaN or inf")
-    return xp
-
-
 def ortho_loss_forward(expert_out, variant: str = "pairwise", *, eps=None, topk_idx=None, valid_mask=None):
     """L_o of the unweighted expert outputs ``expert_out`` [N, K, D] (``MoECache.expert_out``).
 
     variant     one of ORTHO_VARIANTS (see the module docstring)
-    eps         None for the variant's default (DEFAULT_EPS: pairwise 1e-12, span forms 1e-6); else >= 0
+    eps         None for the variant's default (ORTHO_VARIANTS: pairwise 1e-12, span forms 1e-6); else >= 0
     topk_idx    [N, K] expert ids (``MoECache.topk_idx``); required by ``span_code_grouping`` only
     valid_mask  optional [N] bool, True = real token
     Returns (loss, cache); loss is a 0-d array on the input's backend and dtype.
     """
     if variant not in ORTHO_VARIANTS:
-        raise ValueError(f"variant={variant!r} is not an L_o form; expected one of {ORTHO_VARIANTS}")
-    xp = _check_expert_out(expert_out)
+        raise ValueError(f"variant={variant!r} is not an L_o form; expected one of {list(ORTHO_VARIANTS)}")
+    xp = check_float_array(expert_out, "expert_out", "[N, K, D]")
     N, K, _ = expert_out.shape
     if eps is None:
-        eps = DEFAULT_EPS[variant]
+        eps = ORTHO_VARIANTS[variant].default_eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not np.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     eps = float(eps)
@@ -161,7 +156,7 @@ def ortho_loss_forward(expert_out, variant: str = "pairwise", *, eps=None, topk_
     elif variant == "span_code_grouping":
         raise ValueError("variant='span_code_grouping' needs topk_idx (the layer's MoECache.topk_idx)")
     mask = check_mask(valid_mask, N, xp)
-    valid = xp.ones(N, dtype=expert_out.dtype) if mask is None else mask.astype(expert_out.dtype)   # [N]
+    valid = mask_weights(mask, N, expert_out.dtype, xp)                        # [N]
     n_valid = valid.sum()
 
     order = None
@@ -209,7 +204,7 @@ def paper_eq8_gradient(expert_out, eps: float = 0.0):
     - 2 (x_k^T x_j)^2 x_j/\lVert x_j\rVert^4]`: Eq. 8 drops the factor 2 and the terms where x_j is the
     base of the projection, the vector projected onto (see ``theory/losses.md``).
     """
-    xp = _check_expert_out(expert_out)
+    xp = check_float_array(expert_out, "expert_out", "[N, K, D]")
     G, nrm, den, _, off = _pairwise_parts(expert_out, eps)
     coef = G * off / den[:, None, :]                             # [N, K(j), K(k)]  G_jk / (||x_k||^2 + eps)
     return xp.einsum("njk,nkd->njd", coef, expert_out)

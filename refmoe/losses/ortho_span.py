@@ -24,58 +24,7 @@ derives every step.
 from __future__ import annotations
 
 from ..backend import array_namespace
-
-
-def _dot(a, b):
-    return (a * b).sum(axis=-1, keepdims=True)                       # [N, 1]
-
-
-def _safe_inverse(r):
-    """1/r where r > 0, else 0 (the norm is not differentiable at 0; 0 is the subgradient refmoe takes).
-    Written with arithmetic on r's dtype only, so float32 stays float32 on both backends."""
-    pos = (r > 0).astype(r.dtype)
-    return pos / (r + (1.0 - pos))
-
-
-# ----------------------------------------------------------------------------------------------
-# modified Gram-Schmidt with v / (||v|| + eps), batched over tokens, and its reverse
-# ----------------------------------------------------------------------------------------------
-
-def gram_schmidt_forward(cols, eps: float):
-    """cols: list of m arrays [N, D] (in order) -> (us: list of m arrays [N, D], tape for the backward)."""
-    xp = array_namespace(*cols)
-    us, tape = [], []
-    for x in cols:
-        v, steps = x, []
-        for u in us:                                # v^{(l+1)} = v^{(l)} - <u_l, v^{(l)}> u_l
-            c = _dot(u, v)                          # [N, 1]
-            steps.append((v, c))
-            v = v - c * u
-        r = xp.sqrt(_dot(v, v))                     # [N, 1]  ||w||
-        den = r + eps
-        u = v * _safe_inverse(den)              # w / (||w|| + eps); 0 when w = 0 and eps = 0
-        tape.append((steps, v, r, den))
-        us.append(u)
-    return us, tape
-
-
-def gram_schmidt_backward(dus, us, tape):
-    """Reverse of :func:`gram_schmidt_forward`: dus (list of m [N, D]) -> dcols (list of m [N, D])."""
-    dus = list(dus)
-    dcols = [None] * len(us)
-    for j in reversed(range(len(us))):              # u_j is complete: later vectors were handled first
-        steps, w, r, den = tape[j]
-        du = dus[j]
-        inv_den = _safe_inverse(den)
-        # u = w / (r + eps), r = ||w||:  dw = du/(r+eps) - <du, w>/(r+eps)^2 * w/r
-        dw = du * inv_den - _dot(du, w) * inv_den * inv_den * (w * _safe_inverse(r))
-        for l in reversed(range(j)):                # v^{(l+1)} = v^{(l)} - c u_l,  c = <u_l, v^{(l)}>
-            v_l, c = steps[l]
-            dc = -_dot(dw, us[l])
-            dus[l] = dus[l] - c * dw + dc * v_l
-            dw = dw + dc * us[l]
-        dcols[j] = dw
-    return dcols
+from .gram_schmidt import dot, gram_schmidt_backward, gram_schmidt_forward, safe_inverse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,8 +43,8 @@ def span_per_token(A, eps: float):
     for a in range(K):
         us, _ = gram_schmidt_forward([A[:, b] for b in _others(K, a)], eps)
         for u in us:
-            p = _dot(u, A[:, a])[:, 0]                          # [N]  <u_l, x_a>
-            total = total + p * p * _dot(u, u)[:, 0]             # ||p u||^2 = p^2 ||u||^2
+            p = dot(u, A[:, a])[:, 0]                          # [N]  <u_l, x_a>
+            total = total + p * p * dot(u, u)[:, 0]             # ||p u||^2 = p^2 ||u||^2
     return total
 
 
@@ -111,7 +60,7 @@ def span_backward(g, A, eps: float):
         x_a = A[:, a]
         dus = []
         for u in us:
-            p, s = _dot(u, x_a), _dot(u, u)                      # [N, 1] each
+            p, s = dot(u, x_a), dot(u, u)                      # [N, 1] each
             dp, ds = 2.0 * p * s * g, p * p * g                  # d(p^2 s) = 2 p s dp + p^2 ds
             dA[:, a] += dp * u
             dus.append(dp * x_a + 2.0 * ds * u)

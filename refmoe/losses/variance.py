@@ -36,10 +36,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import ops
-from ._checks import check_mask, check_scores, check_topk
-
-VAR_VARIANTS = ("paper", "code", "row_topk")
-
+from ..checks import check_mask, check_scores, check_topk, mask_weights
 
 class VarCache(NamedTuple):
     variant: str
@@ -77,6 +74,18 @@ def _row_topk(s_sel, valid, n_valid):
     return loss, (-2.0 / K) * (valid / n_valid)[:, None] * dev
 
 
+class VarVariant(NamedTuple):
+    loss: object            # (Q, valid [N], n_valid) -> (loss, dloss/dQ)
+    reads: str              # Q: "P" the full softmax [N, E], "S" the post-top-k matrix [N, E], "s_sel" its [N, K]
+
+
+VAR_VARIANTS: dict[str, VarVariant] = {
+    "paper": VarVariant(_paper, "S"),
+    "code": VarVariant(_code, "P"),
+    "row_topk": VarVariant(_row_topk, "s_sel"),
+}
+
+
 # ----------------------------------------------------------------------------------------------
 # forward / backward
 # ----------------------------------------------------------------------------------------------
@@ -90,25 +99,24 @@ def var_loss_forward(scores, topk_idx, variant: str = "paper", *, valid_mask=Non
     ``topk_idx`` is checked for every variant, though ``code`` does not read it.
     """
     if variant not in VAR_VARIANTS:
-        raise ValueError(f"variant={variant!r} is not an L_v form; expected one of {VAR_VARIANTS}")
+        raise ValueError(f"variant={variant!r} is not an L_v form; expected one of {list(VAR_VARIANTS)}")
     xp = check_scores(scores)
     N, E = scores.shape
     check_topk(topk_idx, N, E, xp)
     mask = check_mask(valid_mask, N, xp)
     if variant == "code" and E < 2:
         raise ValueError(f"variant='code' needs n_experts >= 2 for an unbiased variance, got E={E}")
-    valid = xp.ones(N, dtype=scores.dtype) if mask is None else mask.astype(scores.dtype)   # [N]
+    valid = mask_weights(mask, N, scores.dtype, xp)                            # [N]
     n_valid = valid.sum()
 
+    form = VAR_VARIANTS[variant]
     topk_cache = None
-    if variant == "code":
-        loss, dq = _code(scores, valid, n_valid)
+    if form.reads == "P":
+        q = scores                                                           # [N, E]
     else:
         (S, s_sel), topk_cache = ops.topk_scores_forward(scores, topk_idx)   # [N, E], [N, K]
-        if variant == "paper":
-            loss, dq = _paper(S, valid, n_valid)
-        else:
-            loss, dq = _row_topk(s_sel, valid, n_valid)
+        q = S if form.reads == "S" else s_sel
+    loss, dq = form.loss(q, valid, n_valid)
     return loss, VarCache(variant, dq, topk_cache)
 
 
@@ -118,11 +126,12 @@ def var_loss_backward(dloss, cache: VarCache):
     The top-k indices are piecewise constant in the scores: their gradient is zero and is not returned.
     """
     dq = cache.dq * dloss
-    if cache.variant == "code":
+    reads = VAR_VARIANTS[cache.variant].reads
+    if reads == "P":
         return dq                                                # Q = P itself
-    if cache.variant == "paper":
+    if reads == "S":
         return ops.topk_scores_backward(dq, cache.topk_cache)    # dS [N, E] -> d_scores
-    return ops.topk_scores_backward(None, cache.topk_cache, ds_sel=dq)   # ds_sel [N, K] -> d_scores
+    return ops.topk_scores_backward(None, cache.topk_cache, d_s_sel=dq)   # d_s_sel [N, K] -> d_scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +149,7 @@ def paper_eq9_gradient(S, valid_mask=None):
     xp = check_scores(S, name="S")
     N, E = S.shape
     mask = check_mask(valid_mask, N, xp)
-    valid = xp.ones(N, dtype=S.dtype) if mask is None else mask.astype(S.dtype)
+    valid = mask_weights(mask, N, S.dtype, xp)
     n = valid.sum()
     sbar = (valid[:, None] * S).sum(axis=0) / n
     return (-2.0 / E) * ((n - 1) / n) * valid[:, None] * (S - sbar[None, :])

@@ -17,7 +17,7 @@ import numpy as np
 from ..backend import to_backend, to_numpy
 from ..config import MoEConfig
 from ..gradcheck import numerical_vjp, rel_error
-from ..checks import cache_loss
+from ..gradcheck import cache_loss
 from ..layer import init_params, moe_backward, moe_forward
 from ..losses.ortho import ortho_loss_backward, ortho_loss_forward, paper_eq8_gradient
 from ..losses.variance import paper_eq9_gradient

@@ -101,7 +101,7 @@ def _theta_grad(c: Cache, dA):
 def _dP_from_dsel(c: Cache, ds_sel):
     """A gradient on the selected scores s_sel [N, K] carried back to the softmax P [N, E]."""
     if c.renorm:
-        return ops.topk_scores_backward(None, c.sel, ds_sel=ds_sel)
+        return ops.topk_scores_backward(None, c.sel, d_s_sel=ds_sel)
     return ops.gather_backward(ds_sel, c.sel)
 
 

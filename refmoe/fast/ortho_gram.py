@@ -1,4 +1,4 @@
-r"""Proposed fast forms of refmoe.losses.ortho (same function, same eps semantics, far less work).
+r"""A fast form of refmoe.losses.ortho through the per-token Gram matrix (same function, same eps semantics).
 
 Dimension letters: N tokens, K slots, D model width.
 
@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from refmoe.backend import array_namespace
-from refmoe.losses import ortho as ref
-from refmoe.losses.ortho_span import gram_schmidt_backward, gram_schmidt_forward, span_backward, span_per_token
+from ..backend import array_namespace
+from ..checks import check_float_array, check_mask, mask_weights
+from ..losses import ortho as ref
+from ..losses.gram_schmidt import gram_schmidt_backward, gram_schmidt_forward
+from ..losses.ortho_span import span_backward, span_per_token
 
 
 def gram(A):
@@ -125,11 +127,11 @@ def ortho_loss_forward(expert_out, variant="pairwise", *, eps=None, topk_idx=Non
         raise ValueError(f"variant={variant!r} is not an L_o form; expected one of {ref.ORTHO_VARIANTS}")
     if variant == "span_code_grouping" and topk_idx is None:
         raise ValueError("variant='span_code_grouping' needs topk_idx (the layer's MoECache.topk_idx)")
-    xp = ref._check_expert_out(expert_out)
+    xp = check_float_array(expert_out, "expert_out", "[N, K, D]")
     N, K, _ = expert_out.shape
-    eps = ref.DEFAULT_EPS[variant] if eps is None else float(eps)
-    mask = ref.check_mask(valid_mask, N, xp)
-    valid = xp.ones(N, dtype=expert_out.dtype) if mask is None else mask.astype(expert_out.dtype)
+    eps = ref.ORTHO_VARIANTS[variant].default_eps if eps is None else float(eps)
+    mask = check_mask(valid_mask, N, xp)
+    valid = mask_weights(mask, N, expert_out.dtype, xp)
     if variant == "pairwise":
         G = gram(expert_out)
         d = xp.diagonal(G, axis1=1, axis2=2)                                 # [N, K]

@@ -1,16 +1,19 @@
-"""Every fast path of the layer against the plain reference path it replaces.
+"""Every fast path against the reading path it replaces: float64 to 1e-12 relative or better, float32 at the
+tolerance written beside each assertion.
 
 Fast paths: the one-pass sigmoid (``ops.sigmoid``) against the two-branch ``ops._sigmoid``; the SwiGLU pair
 with the in-place elementwise backward against the textbook formulas; the batched SwiGLU over an [E, C, D]
-stack against one call per expert; the layer's padded expert batching against the per-expert loop; and the
-whole layer, on both paths, against float64 central differences.
+stack against one call per expert; ``refmoe.fast`` (padded expert batching) against the core layer, alone
+and inside the objective; the layer on both paths against float64 central differences; and
+``refmoe.fast.ortho_gram`` against ``refmoe.losses.ortho``.
 """
 import numpy as np
 import pytest
 
-from refmoe import MoEConfig, array_namespace, init_params, moe_backward, moe_forward, ops
+import refmoe.fast as fast
+from refmoe import MoEConfig, array_namespace, init_params, moe_backward, moe_forward, objective_forward_backward, ops
+from refmoe.fast.experts import padded_slots
 from refmoe.gradcheck import check_vjp, rel_error
-from refmoe.layer import dispatch
 
 from helpers import assert_all_below, host, on
 
@@ -87,32 +90,46 @@ def _layer_inputs(xp, rng, cfg, dtype, N=29):
     return params, x, dy, d_eo, d_sc
 
 
+FORWARDS = {"core": moe_forward, "fast": fast.moe_forward}
+
+
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_padded_batching_equals_loop(xp, rng, cfg, dtype):
+def test_fast_layer_equals_core(xp, rng, cfg, dtype):
     params, x, dy, d_eo, d_sc = _layer_inputs(xp, rng, cfg, dtype)
     results = {}
-    for mode in ("loop", "padded"):
-        y, cache = moe_forward(x, params, cfg, expert_batching=mode)
+    for name, forward in FORWARDS.items():
+        y, cache = forward(x, params, cfg)
         grads = moe_backward(dy, cache, d_scores=d_sc, d_expert_out=d_eo)
-        assert (cache.dispatch.slot is not None) == (mode == "padded")
         assert y.dtype == dtype and all(g.dtype == dtype for g in grads.values())
-        results[mode] = (y, cache.expert_out, grads)
+        results[name] = (y, cache.expert_out, grads)
+    assert isinstance(results["fast"][0], type(x))
     tol = 1e-13 if dtype == np.float64 else 1e-6      # measured 0 (the same products, zero rows added)
-    (y0, eo0, g0), (y1, eo1, g1) = results["loop"], results["padded"]
+    (y0, eo0, g0), (y1, eo1, g1) = results["core"], results["fast"]
     assert rel_error(y0, y1) < tol and rel_error(eo0, eo1) < tol
     assert set(g0) == set(g1)
     for k in g0:
         assert rel_error(g0[k], g1[k]) < tol, k
 
 
-def test_padded_batching_with_an_idle_expert(xp, rng):
+def test_fast_layer_pads_when_cheap_and_loops_otherwise(xp, rng):
+    cfg = MoEConfig(8, 4, 6, 3)
+    params, x, _, _, _ = _layer_inputs(xp, rng, cfg, np.float64, N=12)
+    balanced = on(xp, (np.arange(12 * 3).reshape(12, 3) % 6).astype(np.int64))   # every count 6: no padding
+    _, c = fast.experts.experts_forward(x, params["w_gate"], params["w_up"], params["w_down"], balanced)
+    assert isinstance(c, fast.experts.PaddedCache) and c.capacity == 6
+    skewed = on(xp, np.tile(np.array([0, 1, 2]), (12, 1)).astype(np.int64))      # C = 12 rows for 3 experts
+    _, c = fast.experts.experts_forward(x, params["w_gate"], params["w_up"], params["w_down"], skewed)
+    assert not isinstance(c, fast.experts.PaddedCache)                            # 2x padding: the loop ran
+
+
+def test_fast_layer_with_an_idle_expert(xp, rng):
     cfg = MoEConfig(8, 4, 5, 2)
     params, x, dy, _, _ = _layer_inputs(xp, rng, cfg, np.float64, N=13)
     params["w_router"][3] = -50.0 * abs(params["w_router"][3])     # expert 3 scores ~0 for every token
     x = abs(x)
-    y0, c0 = moe_forward(x, params, cfg, expert_batching="loop")
-    y1, c1 = moe_forward(x, params, cfg, expert_batching="padded")
+    y0, c0 = moe_forward(x, params, cfg)
+    y1, c1 = fast.moe_forward(x, params, cfg)
     assert not bool((c0.topk_idx == 3).any())
     g0, g1 = moe_backward(dy, c0), moe_backward(dy, c1)
     assert rel_error(y0, y1) < 1e-13
@@ -121,65 +138,64 @@ def test_padded_batching_with_an_idle_expert(xp, rng):
     assert float(abs(g1["w_gate"][3]).max()) == 0.0               # no tokens, no gradient
 
 
-def test_dispatch_modes(xp, rng):
+def test_padded_slots(xp, rng):
     idx = on(xp, np.stack([rng.permutation(6)[:3] for _ in range(11)]).astype(np.int64))
-    loop, padded = dispatch(idx, 6, "loop"), dispatch(idx, 6, "padded")
-    assert loop.slot is None and loop.capacity == 0
+    slot, C = padded_slots(idx, 6)
     counts = np.bincount(host(idx).ravel(), minlength=6)
-    assert padded.capacity == counts.max()
-    slot = host(padded.slot)
+    assert C == counts.max()
+    slot = host(slot)
     assert len(set(slot.tolist())) == slot.size                    # distinct rows
-    assert ((slot // padded.capacity) == host(idx).ravel()).all()  # row block = the expert
-    assert dispatch(idx, 6, "auto").slot is None                    # C = max count: too much padding here
-    balanced = on(xp, (np.arange(12 * 3).reshape(12, 3) % 6).astype(np.int64))   # every count 6
-    auto = dispatch(balanced, 6, "auto")
-    assert (auto.slot is None) == (xp is np)                        # CPU: loop; GPU: padded when cheap
-    with pytest.raises(ValueError, match="expert_batching='grouped'"):
-        dispatch(idx, 6, "grouped")
+    assert ((slot // C) == host(idx).ravel()).all()                # row block = the expert
+
+
+@pytest.mark.parametrize("preset", ["paper", "authors_code"])
+def test_objective_on_the_fast_path_equals_core(xp, rng, preset):
+    from refmoe import autoscale_weights
+    cfg = MoEConfig(8, 5, 4, 2, n_shared=1)
+    params, x, dy, _, _ = _layer_inputs(xp, rng, cfg, np.float64, N=16)
+    obj = autoscale_weights(x, params, cfg, preset).objective if preset == "authors_code" else preset
+    r0 = objective_forward_backward(x, params, cfg, dy, obj)
+    r1 = objective_forward_backward(x, params, cfg, dy, obj, forward=fast.moe_forward)
+    for term in r0.losses:
+        if r0.losses[term] is not None:
+            assert rel_error(r0.losses[term], r1.losses[term]) < 1e-12, term     # measured 0
+    for term in r0.grads:
+        for k in r0.grads[term]:
+            assert rel_error(r0.grads[term][k], r1.grads[term][k]) < 1e-12, (term, k)
 
 
 # ----------------------------------------------------------------------------------------------
 # whole layer against central differences, both paths (float64)
 # ----------------------------------------------------------------------------------------------
 
-def test_bad_expert_batching_is_rejected(xp, rng):
-    cfg = MoEConfig(8, 4, 5, 2)
-    params, x, _, _, _ = _layer_inputs(xp, rng, cfg, np.float64, N=6)
-    with pytest.raises(ValueError, match="expected one of"):
-        moe_forward(x, params, cfg, expert_batching="grouped")
-
-
-@pytest.mark.parametrize("mode", ["loop", "padded"])
-def test_layer_finite_differences_both_paths(xp, rng, mode):
+@pytest.mark.parametrize("path", sorted(FORWARDS))
+def test_layer_finite_differences_both_paths(xp, rng, path):
     cfg = MoEConfig(6, 4, 4, 2, n_shared=1)
-    params, x, dy, d_eo, d_sc = _layer_inputs(xp, rng, cfg, np.float64, N=7)
+    params, x, dy, d_eo, d_sc = _layer_inputs(xp, rng, cfg, np.float64, N=8)
+    forward = FORWARDS[path]
 
     def f(inp):
         p = {k: inp[k] for k in params}
-        y, cache = moe_forward(inp["x"], p, cfg, expert_batching=mode)
+        y, cache = forward(inp["x"], p, cfg)
         # the injected gradients enter as <d_sc, scores> + <d_eo, expert_out>
         return (y * dy).sum() + (cache.scores * d_sc).sum() + (cache.expert_out * d_eo).sum()
 
     def guard(inp):
-        return moe_forward(inp["x"], {k: inp[k] for k in params}, cfg, expert_batching=mode)[1].topk_idx
+        return forward(inp["x"], {k: inp[k] for k in params}, cfg)[1].topk_idx
 
     inputs = dict(params, x=x)
-    y, cache = moe_forward(x, params, cfg, expert_batching=mode)
+    y, cache = forward(x, params, cfg)
     grads = moe_backward(dy, cache, d_scores=d_sc, d_expert_out=d_eo)
     errors = check_vjp(f, inputs, grads, guard=guard)
     assert_all_below(errors)                                        # measured ~1e-10; pass mark 1e-7
 
 
 # ----------------------------------------------------------------------------------------------
-# the proposed Gram / Cholesky form of L_o (benchmarks/proposed_ortho.py) against refmoe.losses.ortho
+# the Gram / Cholesky form of L_o (refmoe.fast.ortho_gram) against refmoe.losses.ortho
 # ----------------------------------------------------------------------------------------------
 
 def _proposed_ortho():
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import proposed_ortho
-    return proposed_ortho
+    return fast.ortho_gram
 
 
 @pytest.mark.parametrize("variant", ["pairwise", "span", "span_code_grouping"])

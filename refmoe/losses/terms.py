@@ -1,0 +1,71 @@
+"""The one dispatch from (term, form) to a regulariser of the layer's cache, forward and backward.
+
+Dimension letters: N tokens, D model width, E routed experts, K top-k, B sequences of T tokens.
+
+A term reads the layer's intermediates and puts its gradient back on them:
+
+    term    reads (from ``MoECache``)     injects into ``moe_backward``   forms
+    aux     scores [N, E], topk_idx       d_scores [N, E]                 ``AUX_VARIANTS``
+    ortho   expert_out [N, K, D]          d_expert_out [N, K, D]          ``ORTHO_VARIANTS``
+    var     scores [N, E], topk_idx       d_scores [N, E]                 ``VAR_VARIANTS``
+
+The objective, the golden writer, ``refmoe gradcheck`` and the gradient audit all go through
+:func:`term_forward` / :func:`term_backward`; the composition of several terms with their coefficients is
+:func:`refmoe.objective.compose_backward`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..checks import resolve_batch_shape
+from .aux import AUX_VARIANTS, aux_loss_backward, aux_loss_forward
+from .ortho import ORTHO_VARIANTS, ortho_loss_backward, ortho_loss_forward
+from .variance import VAR_VARIANTS, var_loss_backward, var_loss_forward
+
+TERM_FORMS = {"aux": tuple(AUX_VARIANTS), "ortho": tuple(ORTHO_VARIANTS), "var": tuple(VAR_VARIANTS)}
+
+
+class Injection(NamedTuple):
+    """A term's gradient on the layer's intermediates; the one it does not read is None."""
+    d_scores: object        # [N, E] or None
+    d_expert_out: object    # [N, K, D] or None
+
+
+class TermCache(NamedTuple):
+    term: str
+    form: str
+    loss_cache: object      # the cache of aux_loss_forward / ortho_loss_forward / var_loss_forward
+
+
+def term_forward(term: str, form: str, cache, *, valid_mask=None, batch_shape=None, eps=None):
+    """Value of regulariser ``term`` in form ``form`` on a layer cache.  -> (0-d array, TermCache).
+
+    cache        the layer's ``MoECache`` (its ``scores``, ``topk_idx`` and ``expert_out`` are read)
+    valid_mask   optional [N] bool, True = real token; the term leaves padding out
+    batch_shape  (B, T) layout of the tokens for the per-sequence L_aux forms; None = one sequence (1, N)
+    eps          L_o's eps (None: the form's default); only for term "ortho"
+    """
+    if term not in TERM_FORMS:
+        raise ValueError(f"term={term!r}; expected one of {list(TERM_FORMS)}")
+    if form not in TERM_FORMS[term]:
+        raise ValueError(f"{term} form {form!r} is not known; expected one of {list(TERM_FORMS[term])}")
+    if eps is not None and term != "ortho":
+        raise ValueError(f"eps is a parameter of L_o only, not of term {term!r}")
+    if term == "aux":
+        value, c = aux_loss_forward(cache.scores, cache.topk_idx, form, valid_mask=valid_mask,
+                                    batch_shape=resolve_batch_shape(batch_shape, cache.scores.shape[0]))
+    elif term == "ortho":
+        value, c = ortho_loss_forward(cache.expert_out, form, eps=eps, topk_idx=cache.topk_idx,
+                                      valid_mask=valid_mask)
+    else:
+        value, c = var_loss_forward(cache.scores, cache.topk_idx, form, valid_mask=valid_mask)
+    return value, TermCache(term, form, c)
+
+
+def term_backward(dloss, tcache: TermCache) -> Injection:
+    """The gradient of ``dloss * term`` on the intermediate the term reads."""
+    if tcache.term == "aux":
+        return Injection(aux_loss_backward(dloss, tcache.loss_cache), None)
+    if tcache.term == "ortho":
+        return Injection(None, ortho_loss_backward(dloss, tcache.loss_cache))
+    return Injection(var_loss_backward(dloss, tcache.loss_cache), None)
