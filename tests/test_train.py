@@ -5,14 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from refmoe import data as D
+from refmoe.study import data as D
 from refmoe import gradcheck as gc
 from refmoe.config import MoEConfig
 from refmoe.layer import init_params, moe_forward
 from refmoe.objective import PRESETS, objective_forward_backward
-from refmoe.optim import AdamConfig, adam_init
-from refmoe.report import claim_rows, mean_sd
-from refmoe.train import COMBOS, StudyConfig, combo_objective, run_seed, train_phase, train_step
+from refmoe.study.optim import AdamConfig, adam_init
+from refmoe.study.report import claim_rows, mean_sd
+from refmoe.study.train import COMBOS, StudyConfig, combo_objective, run_seed, train_phase, train_step
 
 from helpers import host
 
@@ -142,7 +142,7 @@ def test_verdicts_on_hand_made_results():
 
 
 def test_all_expert_outputs_agree_with_the_layer(backend):
-    from refmoe.evaluate import all_expert_outputs
+    from refmoe.study.evaluate import all_expert_outputs
 
     rng = np.random.default_rng(2)
     params = init_params(TINY, rng, np.float64, backend=backend)

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from .backend import array_namespace, to_numpy
+from ..backend import array_namespace, to_numpy
 
 
 def _f(a) -> float:

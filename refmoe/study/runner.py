@@ -10,7 +10,7 @@ import platform
 import time
 from typing import Callable, NamedTuple
 
-from .backend import device_description
+from ..backend import device_description
 from .report import EVAL_KEYS, claim_rows, claims_table, fmt, summarize, sweep_summary, write_json
 from .train import StudyConfig, run_seed
 

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from .backend import array_namespace, to_numpy
+from ..backend import array_namespace, to_numpy
 from .metrics import safe_cosine
 
 TERMS = ("task", "aux", "ortho", "var")

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import get_xp
+from ..backend import get_xp
 
 FLOAT_DTYPES = (np.float32, np.float64)
 

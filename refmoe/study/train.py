@@ -18,12 +18,12 @@ import numpy as np
 
 from . import data as D_
 from .alignment import GROUPS, cosine_matrix, gradient_norms, routing_discriminativeness
-from .backend import to_numpy
-from .config import MoEConfig
+from ..backend import to_numpy
+from ..config import MoEConfig
 from .evaluate import evaluate
-from .layer import init_params
+from ..layer import init_params
 from .metrics import max_vio
-from .objective import PRESETS, Objective, objective_backward, objective_forward
+from ..objective import PRESETS, Objective, objective_backward, objective_forward
 from .optim import AdamConfig, adam_init, adam_step
 
 # name -> (use L_aux, use L_o, use L_v)
@@ -160,7 +160,7 @@ def preset_objective(name: str, x, params, cfg: MoEConfig, *, alpha=None, beta=N
     base = PRESETS[name]
     calib = None
     if not base.is_calibrated:
-        from .autoscale import autoscale_weights
+        from ..autoscale import autoscale_weights
 
         rep = autoscale_weights(x, params, cfg, base)
         base = rep.objective

@@ -20,10 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import data as D_
-from . import ops
+from .. import ops
 from .alignment import routing_discriminativeness
-from .backend import array_namespace, to_numpy
-from .layer import moe_forward
+from ..backend import array_namespace, to_numpy
+from ..layer import moe_forward
 from .metrics import (expert_output_cosine, expert_overlap, max_vio, mutual_information, routing_variance_eq42,
                       routing_variance_per_token, selected_output_cosine, silhouette)
 
