@@ -1,4 +1,4 @@
-r"""Held-out evaluation of a trained MoE block: every metric of ``refmoe.metrics`` on stated inputs.
+r"""Held-out evaluation of a trained MoE block: every metric of ``refmoe.study.metrics`` on stated inputs.
 
 Dimension letters: N tokens, D model width, E routed experts, K top-k.
 

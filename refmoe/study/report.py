@@ -17,21 +17,14 @@ import math
 
 import numpy as np
 
-from .alignment import TERMS, conflict_fraction, nanmean_matrices
-from .metrics import rmse_curves
+from ..objective import TERMS
+from .alignment import conflict_fraction, nanmean_matrices
+from .metrics import moving_average, rmse_curves
 
 EVAL_KEYS = ("task", "maxvio_global", "rv_eq42", "rv_per_token", "overlap", "silhouette", "mi_bits", "nmi",
              "sel_cos", "all_cos", "discrim")
 MAXVIO_RMSE_BOUND = 0.03          # paper: RMSE of MaxVio curves with vs without L_o, L_v stays <= 0.03
 SMOOTH = 10                       # MaxVio_batch curves are compared after a 10-step moving average
-
-
-def moving_average(y, w: int = SMOOTH) -> np.ndarray:
-    """Trailing-edge-padded moving average of width w (same length as y)."""
-    y = np.asarray(y, dtype=np.float64)
-    if w <= 1 or y.size < w:
-        return y
-    return np.convolve(np.pad(y, (w // 2, w - 1 - w // 2), mode="edge"), np.ones(w) / w, mode="valid")
 
 
 def maxvio_rmse(run_a, run_b, smooth: int = SMOOTH) -> float:

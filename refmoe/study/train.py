@@ -3,9 +3,9 @@ r"""Training an MoE block with refmoe's own gradients: broad pre-training, then 
 Dimension letters: N tokens, D model width, E routed experts, K top-k.
 
 The model is one residual MoE block with shared experts, out = x + MoE(x), fitted to the per-cluster teachers
-of ``refmoe.data`` with the task loss L_h = (1/(N D)) sum_i ||out_i - t_i||^2 (``data.mse_forward``). Its gradient
+of ``refmoe.study.data`` with the task loss L_h = (1/(N D)) sum_i ||out_i - t_i||^2 (``data.mse_forward``). Its gradient
 dy = dL_h/dout is computed by hand and passed, with the regularisers of an ``Objective``, to
-``objective_forward`` / ``objective_backward``; the update is the hand-written Adam of ``refmoe.optim``.
+``objective_forward`` / ``objective_backward``; the update is the hand-written Adam of ``refmoe.study.optim``.
 
 Phase 1 (pre-training) uses the broad mixture with L_h + alpha L_aux. Phase 2 starts from that checkpoint, with
 fresh Adam moments, and fine-tunes on the narrow domain under one loss combination (``COMBOS``).
