@@ -5,14 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from refmoe.study import data as D
 from refmoe import gradcheck as gc
 from refmoe.config import MoEConfig
 from refmoe.layer import init_params, moe_forward
 from refmoe.objective import PRESETS, objective_forward_backward
+from refmoe.study import data as D
 from refmoe.study.optim import AdamConfig, adam_init
-from refmoe.study.report import claim_rows, mean_sd
-from refmoe.study.train import COMBOS, StudyConfig, combo_objective, run_seed, train_phase, train_step
+from refmoe.study.runner import StudyConfig, run_seed
+from refmoe.study.summary import claim_rows, mean_sd
+from refmoe.study.train import COMBOS, combo_objective, train_phase, train_step
 
 from helpers import host
 

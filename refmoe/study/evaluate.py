@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import data as D_
 from .. import ops
-from .alignment import routing_discriminativeness
 from ..backend import array_namespace, to_numpy
 from ..layer import moe_forward
+from . import data as D_
+from .alignment import routing_discriminativeness
 from .metrics import (expert_output_cosine, expert_overlap, max_vio, mutual_information, routing_variance_eq42,
                       routing_variance_per_token, selected_output_cosine, silhouette)
 

@@ -1,4 +1,4 @@
-"""PNG figures of the specialisation study (matplotlib, headless Agg backend), from ``report.summarize`` output.
+"""PNG figures of the specialisation study (matplotlib, headless Agg backend), from ``summary.summarize`` output.
 
     fig2_maxvio.png          MaxVio_batch over fine-tuning steps per loss combination (like the paper's Fig. 2)
     fig3_specialization.png  overlap, silhouette, both routing variances (like the paper's Fig. 3)

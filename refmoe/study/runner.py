@@ -1,26 +1,146 @@
-"""The whole specialisation study: every seed, the summary, the verdicts and the report folder.
+"""The specialisation study: one seed = one pre-training on the broad mixture, then every (preset, loss
+combination) fine-tuning on the narrow domain from that checkpoint; over all seeds, the summary and the verdicts.
 
     result = run_study(StudyConfig(...))        # trains; one status line per logging step
-    write_report(result, "reproduce_report")     # figures, results.json, report.md
+    write_report(result, "reproduce_report")     # refmoe.study.report: figures, results.json, report.md
+
+Every array here is a parameter or a batch of ``refmoe.study.train``; the results are nested dicts of host values.
 """
 from __future__ import annotations
 
-import os
-import platform
 import time
 from typing import Callable, NamedTuple
 
-from ..backend import device_description
-from .report import EVAL_KEYS, claim_rows, claims_table, fmt, summarize, sweep_summary, write_json
-from .train import StudyConfig, run_seed
+import numpy as np
 
+from ..config import MoEConfig
+from ..layer import init_params
+from ..objective import PRESETS
+from . import data as D_
+from .evaluate import evaluate
+from .optim import AdamConfig
+from .summary import claim_rows, summarize, sweep_summary
+from .train import COMBOS, LogRecord, combo_objective, pretrain_objective, train_phase
+
+class StudyConfig(NamedTuple):
+    """Every knob of the study (the flags of ``refmoe reproduce``). The defaults finish in about 3 minutes
+    with NumPy on 2 CPU cores. ``alpha`` replaces the presets' L_aux coefficient (1e-3) in phase 2, because at
+    1e-3 the balancing loss hardly moves the routing of this small block; ``beta``/``gamma`` None keep the
+    presets' values (``authors_code`` calibrates them on the first narrow batch of each seed)."""
+    d_model: int = 32
+    d_hidden: int = 16
+    n_experts: int = 16
+    top_k: int = 4
+    n_shared: int = 1
+    n_clusters: int = 8
+    n_narrow: int = 2
+    noise: float = 0.6
+    batch_size: int = 256
+    pretrain_steps: int = 300
+    finetune_steps: int = 300
+    log_every: int = 50
+    lr: float = 1e-2
+    pretrain_alpha: float = 3e-2
+    alpha: float | None = 3e-2          # None: the preset's coefficient (1e-3); see report.md
+    beta: float | None = None
+    gamma: float | None = None
+    eval_tokens: int = 1024
+    overlap_points: int = 600
+    seeds: tuple = (0, 1, 2, 3, 4)
+    presets: tuple = ("paper", "authors_code")
+    combos: tuple = tuple(COMBOS)
+    sweep: tuple = (0.01, 0.1, 10.0)   # extra aux+ortho+var runs with beta and gamma times each factor
+    backend: str = "numpy"
+    dtype: str = "float32"
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(self.d_model, self.d_hidden, self.n_experts, self.top_k, n_shared=self.n_shared)
+
+
+def preset_objective(name: str, x, params, cfg: MoEConfig, *, alpha=None, beta=None, gamma=None) -> tuple:
+    """The preset as used in phase 2: its auto-scaled weights calibrated on batch ``x`` where it has any,
+    then any coefficient given here (not None) put in place of the preset's.
+    Returns (Objective, calibration dict or None)."""
+    base = PRESETS[name]
+    calib = None
+    if not base.is_calibrated:
+        from ..autoscale import autoscale_weights
+
+        rep = autoscale_weights(x, params, cfg, base)
+        base = rep.objective
+        calib = {"beta": base.beta, "gamma": base.gamma}
+    changes = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)) if v is not None}
+    return (base.replace(**changes) if changes else base), calib
+
+
+def run_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = print) -> dict:
+    """Pre-train once, then fine-tune under every (preset, combo). Returns a nested dict of host values."""
+    cfg = study.moe_config()
+    dtype = np.dtype(study.dtype)
+    rng = np.random.default_rng(seed)
+    task = D_.make_task(rng, d_model=study.d_model, n_clusters=study.n_clusters, n_narrow=study.n_narrow,
+                        noise=study.noise)
+    params0 = init_params(cfg, rng, dtype, backend=study.backend)
+    held = {dom: D_.sample(task, np.random.default_rng([seed, 7, i]), study.eval_tokens, domain=dom,
+                           backend=study.backend, dtype=dtype) for i, dom in enumerate(("narrow", "broad"))}
+    adam = AdamConfig(lr=study.lr)
+
+    def logger(tag):
+        def on_log(rec: LogRecord):
+            status(f"seed {seed} {tag:<26} step {rec.step:>4}  L_h {rec.losses['task']:.4f}  "
+                   f"aux {rec.losses['aux']:.3f}  L_o {rec.losses['ortho']:.3g}  L_v {rec.losses['var']:.3g}")
+        return on_log
+
+    pre = train_phase(params0, cfg, pretrain_objective(study.pretrain_alpha), task, rng,
+                      steps=study.pretrain_steps, batch_size=study.batch_size, domain="broad", adam=adam,
+                      log_every=study.log_every, backend=study.backend, dtype=dtype, on_log=logger("pretrain"))
+    out = {"pretrain": {"task": [r.task for r in pre.steps], "maxvio": [r.maxvio for r in pre.steps],
+                        "eval": evaluate(pre.params, cfg, held, study.overlap_points, seed)},
+           "finetune": {}}
+    calib_batch = D_.sample(task, np.random.default_rng([seed, 11]), study.batch_size, domain="narrow",
+                            backend=study.backend, dtype=dtype)
+    for preset in study.presets:
+        base, calib = preset_objective(preset, calib_batch.x, pre.params, cfg, alpha=study.alpha,
+                                       beta=study.beta, gamma=study.gamma)
+        out["finetune"][preset] = {"objective": {"alpha": base.alpha, "beta": base.beta, "gamma": base.gamma,
+                                                 "calibrated": calib}}
+        runs = [(combo, combo_objective(base, combo)) for combo in study.combos]
+        full = combo_objective(base, "aux+ortho+var")
+        if "aux+ortho+var" in study.combos and "aux" in study.combos:     # the sweep is read against these
+            runs += [(f"sweep:{f:g}", full.replace(beta=full.beta * f, gamma=full.gamma * f,
+                                                   name=f"{full.name}x{f:g}")) for f in study.sweep]
+        out["finetune"][preset]["sweep"] = {}
+        for name, obj in runs:
+            ft_rng = np.random.default_rng([seed, 13])               # same batches for every run
+            ft = train_phase(dict(pre.params), cfg, obj, task, ft_rng, steps=study.finetune_steps,
+                             batch_size=study.batch_size, domain="narrow", adam=adam,
+                             log_every=study.log_every, backend=study.backend, dtype=dtype,
+                             on_log=logger(f"{preset}:{name}"))
+            rec = {
+                "task": [r.task for r in ft.steps], "maxvio": [r.maxvio for r in ft.steps],
+                "logs": [{"step": r.step, "losses": r.losses, "discrim": r.discrim,
+                          "cosines": {g: m.tolist() for g, m in r.cosines.items()}, "norms": r.norms}
+                         for r in ft.logs],
+                "eval": evaluate(ft.params, cfg, held, study.overlap_points, seed),
+            }
+            if name.startswith("sweep:"):
+                rec["factor"] = float(name.split(":")[1])
+                out["finetune"][preset]["sweep"][name] = rec
+            else:
+                out["finetune"][preset][name] = rec
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# every seed, then the summary and the verdicts
+# ----------------------------------------------------------------------------------------------
 
 class StudyResult(NamedTuple):
     study: StudyConfig
     per_seed: list           # run_seed output per seed
     summary: dict            # preset -> combo -> metric -> [mean, sd]
     claims: dict             # preset -> list of claim rows
-    sweep: dict              # preset -> aux+ortho+var at scaled beta, gamma (report.sweep_summary)
+    sweep: dict              # preset -> aux+ortho+var at scaled beta, gamma (summary.sweep_summary)
     seconds: float           # wall time of the training and evaluation
 
 
@@ -33,139 +153,3 @@ def run_study(study: StudyConfig, *, status: Callable[[str], None] = print) -> S
     claims = {p: claim_rows(per_seed, p, study.combos) for p in study.presets}
     sweep = sweep_summary(per_seed, study.presets)
     return StudyResult(study, per_seed, summary, claims, sweep, time.perf_counter() - t0)
-
-
-def _objective_lines(result: StudyResult) -> list:
-    lines = []
-    for p in result.study.presets:
-        objs = [r["finetune"][p]["objective"] for r in result.per_seed]
-        o = objs[0]
-        calib = "" if o["calibrated"] is None else " (beta, gamma calibrated on the first narrow batch: " + \
-            ", ".join(f"seed {s}: {ob['beta']:g}, {ob['gamma']:g}" for s, ob in zip(result.study.seeds, objs)) + ")"
-        lines.append(f"  - `{p}`: alpha = {o['alpha']:g}, beta = {o['beta']:g}, gamma = {o['gamma']:g}{calib}")
-    return lines
-
-
-def _metrics_table(result: StudyResult, preset: str) -> str:
-    keys = ("task", "maxvio_global", "overlap", "silhouette", "rv_per_token", "rv_eq42", "sel_cos", "nmi", "discrim",
-            "broad_task", "broad_nmi")
-    head = "| combo | " + " | ".join(keys) + " |"
-    lines = [head, "|" + "---|" * (len(keys) + 1)]
-    for c, e in result.summary[preset].items():
-        lines.append(f"| {c} | " + " | ".join(fmt(*e[k], digits=3) for k in keys) + " |")
-    return "\n".join(lines)
-
-
-def _alignment_table(result: StudyResult, preset: str, combo: str = "aux+ortho+var") -> str:
-    e = result.summary[preset].get(combo)
-    if not e or not e["alignment"]:
-        return "(no logged steps)"
-    lines = ["| group | pair | mean cosine | fraction of logged steps in conflict (cos < 0) |", "|---|---|---|---|"]
-    for g in ("router", "experts", "input"):
-        al = e["alignment"][g]
-        t = al["terms"]
-        for a in range(len(t)):
-            for b in range(a + 1, len(t)):
-                m, cf = al["mean_cos"][a][b], al["conflict"][a][b]
-                m_s = "undefined (a gradient is exactly zero)" if m is None else f"{m:.3f}"
-                cf_s = "-" if cf is None else f"{cf:.2f}"
-                lines.append(f"| {g} | {t[a]} / {t[b]} | {m_s} | {cf_s} |")
-    return "\n".join(lines)
-
-
-def _sweep_table(result: StudyResult, preset: str) -> str:
-    sw = result.sweep.get(preset)
-    if not sw:
-        return "(no sweep)"
-    keys = ("overlap", "rv_per_token", "maxvio_global", "maxvio_rmse_vs_aux", "task")
-    lines = ["| beta, gamma | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
-    a = sw["aux"]
-    lines.append("| aux only | " + " | ".join("-" if k == "maxvio_rmse_vs_aux" else fmt(*a[k], digits=3)
-                                            for k in keys) + " |")
-    for r in sw["rows"]:
-        lines.append(f"| {r['beta']:.3g}, {r['gamma']:.3g} (x{r['factor']:g}) | "
-                     + " | ".join(fmt(*r[k], digits=3) for k in keys) + " |")
-    return "\n".join(lines)
-
-
-def _in_short(result: StudyResult) -> list:
-    lines = []
-    for p, rows in result.claims.items():
-        by = {}
-        for r in rows:
-            by.setdefault(r["verdict"], []).append(r["id"])
-        parts = [f"{v}: {', '.join(ids)}" for v, ids in by.items()]
-        line = f"- `{p}`: " + "; ".join(parts) + "."
-        summ = result.summary[p]
-        if "aux" in summ and "aux+ortho+var" in summ:
-            a, b = summ["aux"]["task"][0], summ["aux+ortho+var"]["task"][0]
-            line += (f" Price on the task: held-out L_h {a:.3g} (aux) -> {b:.3g} (aux+ortho+var), "
-                     f"{100 * (b - a) / a:+.0f}%.")
-        lines.append(line)
-    return lines
-
-
-def render_markdown(result: StudyResult, figures: list) -> str:
-    s = result.study
-    out = ["# refmoe reproduce: expert specialisation on synthetic clustered data", ""]
-    out += [f"Run on {device_description(s.backend)} with backend `{s.backend}`, {s.dtype}, Python "
-            f"{platform.python_version()}; training and evaluation took {result.seconds:.1f} s.", ""]
-    out += ["## Setup", "",
-            f"- Data: {s.n_clusters} latent clusters in R^{s.d_model} (centres of length 3, Gaussian noise sd "
-            f"{s.noise}), each with its own teacher t = x + shared(x) + teacher_m(x); the narrow fine-tuning domain "
-            f"is {s.n_narrow} of the {s.n_clusters} clusters.",
-            f"- Model: one residual MoE block out = x + MoE(x), {s.n_experts} routed SwiGLU experts (H = {s.d_hidden}), "
-            f"top-{s.top_k}, {s.n_shared} shared expert(s); task loss L_h = mean squared error to the teacher.",
-            f"- Phase 1: {s.pretrain_steps} steps on the broad mixture with L_h + {s.pretrain_alpha:g} L_aux (switch). "
-            f"Phase 2: {s.finetune_steps} steps on the narrow domain from that checkpoint, fresh Adam "
-            f"(lr {s.lr:g}), batch {s.batch_size}, identical batches for every loss combination.",
-            f"- Seeds: {list(s.seeds)}. Numbers are mean +/- sample sd over seeds; verdicts use the per-seed "
-            "paired differences (supported = the claimed sign in every seed; mixed = right sign on average only).",
-            "- Coefficients in phase 2:"] + _objective_lines(result)
-    if s.alpha is not None or s.beta is not None or s.gamma is not None:
-        out += [f"- Overridden from the presets: alpha={s.alpha}, beta={s.beta}, gamma={s.gamma} (None = preset)."]
-    out += ["- Metrics on a held-out narrow-domain set of "
-            f"{s.eval_tokens} tokens. Expert overlap (k = 10) and silhouette are computed on the unweighted outputs "
-            "x~_ij of (token, selected expert) pairs of a fixed random subset of tokens, labelled by the expert j. "
-            "Routing variance: `rv_per_token` = token mean of the variance across experts of the full softmax "
-            "(ddof 1, the released code's log); `rv_eq42` = paper Eq. 42 on the post-top-k scores. `sel_cos` = mean "
-            "|cos| between a token's selected experts' outputs; `nmi` = I(cluster; top-1 expert) / H(cluster); "
-            "`discrim` = mean over tokens of max_j - min_j cos(g_y, x~_ij); `broad_task`, `broad_nmi`: the same on a "
-            "held-out broad (all-cluster) set, to see what fine-tuning does to the other clusters.", ""]
-    out += ["## Verdicts", "", claims_table(result.claims), "", "In short:", ""] + _in_short(result) + [""]
-    out += ["Caveats: this is one residual MoE block on synthetic data, not a language model; the verdicts say "
-            "whether the paper's directional claims show up here, at these sizes and coefficients, and nothing "
-            "about their size elsewhere. The `paper` preset's L_o (Eq. 6) is a sum over tokens with no "
-            "normalisation, so at beta = 1e-3 its weight grows with the batch size; the `authors_code` preset "
-            "normalises it and calibrates beta, gamma by powers of ten. L_aux's coefficient alpha is set for this "
-            "study (see Setup), because at the presets' 1e-3 it hardly balances the narrow domain here (run "
-            "`refmoe reproduce --alpha 1e-3 --pretrain-alpha 1e-3` to see that regime).", ""]
-    for p in s.presets:
-        out += [f"## Held-out metrics, preset `{p}` (narrow domain)", "", _metrics_table(result, p), ""]
-        out += [f"### Sensitivity to the L_o / L_v coefficients, preset `{p}` (aux+ortho+var, alpha fixed)", "",
-                "The same fine-tuning with beta and gamma multiplied by a factor; `maxvio_rmse_vs_aux` is the "
-                "C4 statistic against the aux-only run.", "", _sweep_table(result, p), ""]
-        out += [f"### Gradient alignment, preset `{p}`, aux+ortho+var", "",
-                "Each term's gradient alone (already multiplied by its coefficient) on the router weights, the "
-                "routed experts' weights and the layer input x, at every logged step.", "",
-                _alignment_table(result, p), ""]
-    out += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
-    return "\n".join(out)
-
-
-def write_report(result: StudyResult, out_dir: str, *, figures: bool = True) -> dict:
-    """Write results.json, report.md and the PNG figures into out_dir (created). Returns the paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    names = []
-    if figures:
-        from .figures import save_all
-
-        has_sweep = any(r["factor"] != 1.0 for sw in result.sweep.values() for r in sw["rows"])
-        names = save_all(result.summary, out_dir, sweep=result.sweep if has_sweep else None)
-    payload = {"config": result.study._asdict(), "seconds": result.seconds, "eval_keys": list(EVAL_KEYS),
-               "summary": result.summary, "claims": result.claims, "sweep": result.sweep,
-               "per_seed": result.per_seed}
-    write_json(os.path.join(out_dir, "results.json"), payload)
-    with open(os.path.join(out_dir, "report.md"), "w") as fh:
-        fh.write(render_markdown(result, names))
-    return {"dir": out_dir, "figures": names, "json": "results.json", "markdown": "report.md"}
