@@ -20,7 +20,7 @@ from . import data as D_
 from .evaluate import evaluate
 from .optim import AdamConfig
 from .summary import claim_rows, summarize, sweep_summary
-from .train import COMBOS, LogRecord, combo_objective, pretrain_objective, train_phase
+from .train import COMBOS, SWEEP_COMBO, LogRecord, RunId, pretrain_objective, train_phase
 
 class StudyConfig(NamedTuple):
     """Every knob of the study (the flags of ``refmoe reproduce``). The defaults finish in about 3 minutes
@@ -74,7 +74,8 @@ def preset_objective(name: str, x, params, cfg: MoEConfig, *, alpha=None, beta=N
 
 
 def run_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = print) -> dict:
-    """Pre-train once, then fine-tune under every (preset, combo). Returns a nested dict of host values."""
+    """Pre-train once, then fine-tune under every (preset, run). Returns a nested dict of host values:
+    ``finetune[preset][combo]`` per loss combination, ``finetune[preset]["sweep"][run.label]`` per sweep run."""
     cfg = study.moe_config()
     dtype = np.dtype(study.dtype)
     rng = np.random.default_rng(seed)
@@ -104,18 +105,16 @@ def run_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = p
                                        beta=study.beta, gamma=study.gamma)
         out["finetune"][preset] = {"objective": {"alpha": base.alpha, "beta": base.beta, "gamma": base.gamma,
                                                  "calibrated": calib}}
-        runs = [(combo, combo_objective(base, combo)) for combo in study.combos]
-        full = combo_objective(base, "aux+ortho+var")
-        if "aux+ortho+var" in study.combos and "aux" in study.combos:     # the sweep is read against these
-            runs += [(f"sweep:{f:g}", full.replace(beta=full.beta * f, gamma=full.gamma * f,
-                                                   name=f"{full.name}x{f:g}")) for f in study.sweep]
+        runs = [RunId(combo) for combo in study.combos]
+        if SWEEP_COMBO in study.combos and "aux" in study.combos:         # the sweep is read against these
+            runs += [RunId.sweep(f) for f in study.sweep]
         out["finetune"][preset]["sweep"] = {}
-        for name, obj in runs:
+        for run in runs:
             ft_rng = np.random.default_rng([seed, 13])               # same batches for every run
-            ft = train_phase(dict(pre.params), cfg, obj, task, ft_rng, steps=study.finetune_steps,
+            ft = train_phase(dict(pre.params), cfg, run.objective(base), task, ft_rng, steps=study.finetune_steps,
                              batch_size=study.batch_size, domain="narrow", adam=adam,
                              log_every=study.log_every, backend=study.backend, dtype=dtype,
-                             on_log=logger(f"{preset}:{name}"))
+                             on_log=logger(f"{preset}:{run.label}"))
             rec = {
                 "task": [r.task for r in ft.steps], "maxvio": [r.maxvio for r in ft.steps],
                 "logs": [{"step": r.step, "losses": r.losses, "discrim": r.discrim,
@@ -123,11 +122,11 @@ def run_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = p
                          for r in ft.logs],
                 "eval": evaluate(ft.params, cfg, held, study.overlap_points, seed),
             }
-            if name.startswith("sweep:"):
-                rec["factor"] = float(name.split(":")[1])
-                out["finetune"][preset]["sweep"][name] = rec
+            if run.is_sweep:
+                rec["factor"] = run.factor
+                out["finetune"][preset]["sweep"][run.label] = rec
             else:
-                out["finetune"][preset][name] = rec
+                out["finetune"][preset][run.combo] = rec
     return out
 
 

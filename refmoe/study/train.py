@@ -1,6 +1,6 @@
 r"""Training an MoE block with refmoe's own gradients: broad pre-training, then narrow fine-tuning.
 
-Dimension letters: N tokens, D model width, E routed experts, K top-k.
+Dimension letters: N tokens, D model width, E routed experts, K top-k, T objective terms (``refmoe.objective.TERMS``).
 
 The model is one residual MoE block with shared experts, out = x + MoE(x), fitted to the per-cluster teachers
 of ``refmoe.study.data`` with the task loss L_h = (1/(N D)) sum_i ||out_i - t_i||^2 (``data.mse_forward``). Its
@@ -9,7 +9,8 @@ gradient dy = dL_h/dout is computed by hand and passed, with the regularisers of
 The study around these (seeds, presets, the verdicts) is ``refmoe.study.runner``.
 
 Phase 1 (pre-training) uses the broad mixture with L_h + alpha L_aux. Phase 2 starts from that checkpoint, with
-fresh Adam moments, and fine-tunes on the narrow domain under one loss combination (``COMBOS``).
+fresh Adam moments, and fine-tunes on the narrow domain under one loss combination (``COMBOS``), or, in the
+sweep, under aux+ortho+var with beta and gamma scaled by a factor; a ``RunId`` names which.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class StepRecord(NamedTuple):
 class LogRecord(NamedTuple):
     step: int
     losses: dict         # term -> unweighted value (Python floats)
-    cosines: dict        # group -> [4, 4] cosine matrix (task, aux, ortho, var)
+    cosines: dict        # group -> [T, T] cosine matrix (task, aux, ortho, var)
     norms: dict          # group -> term -> gradient norm
     discrim: float       # routing_discriminativeness on the batch
 
@@ -62,6 +63,37 @@ def combo_objective(base: Objective, combo: str) -> Objective:
     use_aux, use_o, use_v = COMBOS[combo]
     return base.replace(alpha=base.alpha if use_aux else 0.0, beta=base.beta if use_o else 0.0,
                         gamma=base.gamma if use_v else 0.0, name=f"{base.name}:{combo}")
+
+
+SWEEP_COMBO = "aux+ortho+var"        # the combination whose beta and gamma the sweep scales
+
+
+class RunId(NamedTuple):
+    """Which fine-tuning run of a preset: a loss combination as it is (``factor`` None), or one run of the sweep,
+    ``SWEEP_COMBO`` with beta and gamma times ``factor`` (made by ``RunId.sweep``)."""
+    combo: str                       # a key of COMBOS
+    factor: float | None = None      # None: the combination's own coefficients
+
+    @classmethod
+    def sweep(cls, factor: float) -> RunId:
+        return cls(SWEEP_COMBO, float(factor))
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.factor is not None
+
+    @property
+    def label(self) -> str:
+        """The name in status lines and in results.json: the combination, or "sweep:<factor>"."""
+        return f"sweep:{self.factor:g}" if self.is_sweep else self.combo
+
+    def objective(self, base: Objective) -> Objective:
+        """``base`` restricted to the combination, then beta and gamma scaled for a sweep run."""
+        obj = combo_objective(base, self.combo)
+        if not self.is_sweep:
+            return obj
+        f = self.factor
+        return obj.replace(beta=obj.beta * f, gamma=obj.gamma * f, name=f"{obj.name}x{f:g}")
 
 
 def pretrain_objective(alpha: float = 3e-2) -> Objective:
