@@ -4,7 +4,8 @@ combination) fine-tuning on the narrow domain from that checkpoint; over all see
     result = run_study(StudyConfig(...))        # trains; one status line per logging step
     write_report(result, "reproduce_report")     # refmoe.study.report: figures, results.json, report.md
 
-Every array here is a parameter or a batch of ``refmoe.study.train``; the results are nested dicts of host values.
+No array is shaped here (parameters and batches are those of ``refmoe.study.train``); the results are nested
+dicts of host values (Python floats and lists) on either backend.
 """
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ from .evaluate import evaluate
 from .optim import AdamConfig
 from .summary import claim_rows, summarize, sweep_summary
 from .train import COMBOS, SWEEP_COMBO, LogRecord, RunId, pretrain_objective, train_phase
+
+# ----------------------------------------------------------------------------------------------
+# one seed: pre-training, then every fine-tuning run from that checkpoint
+# ----------------------------------------------------------------------------------------------
 
 class StudyConfig(NamedTuple):
     """Every knob of the study (the flags of ``refmoe reproduce``). The defaults finish in about 3 minutes
