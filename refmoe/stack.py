@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from . import data as D_
+from .study import data as D_
 from .layer import moe_backward, moe_forward
 from .objective import objective_forward_backward
 

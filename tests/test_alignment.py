@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from refmoe import alignment as A
+from refmoe.study import alignment as A
 
 from helpers import host, on
 

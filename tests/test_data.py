@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from refmoe import data as D
+from refmoe.study import data as D
 from refmoe import gradcheck as gc
 
 from helpers import FD_TOL, host, on

@@ -1,10 +1,10 @@
-"""Every metric of refmoe.metrics on hand-made cases whose answer is worked out in the comments."""
+"""Every metric of refmoe.study.metrics on hand-made cases whose answer is worked out in the comments."""
 import math
 
 import numpy as np
 import pytest
 
-from refmoe import metrics as M
+from refmoe.study import metrics as M
 
 from helpers import host, on
 

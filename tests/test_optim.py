@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from refmoe.optim import AdamConfig, adam_init, adam_step
+from refmoe.study.optim import AdamConfig, adam_init, adam_step
 
 from helpers import host, on
 

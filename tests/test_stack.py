@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 
-from refmoe import data as D
+from refmoe.study import data as D
 from refmoe import gradcheck as gc
-from refmoe.alignment import cosine_matrix
+from refmoe.study.alignment import cosine_matrix
 from refmoe.config import MoEConfig
 from refmoe.layer import init_params, moe_forward
 from refmoe.objective import PRESETS, objective_forward_backward

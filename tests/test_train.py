@@ -5,14 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from refmoe import data as D
 from refmoe import gradcheck as gc
 from refmoe.config import MoEConfig
 from refmoe.layer import init_params, moe_forward
 from refmoe.objective import PRESETS, objective_forward_backward
-from refmoe.optim import AdamConfig, adam_init
-from refmoe.report import claim_rows, mean_sd
-from refmoe.train import COMBOS, StudyConfig, combo_objective, run_seed, train_phase, train_step
+from refmoe.study import data as D
+from refmoe.study.optim import AdamConfig, adam_init
+from refmoe.study.runner import StudyConfig, run_seed
+from refmoe.study.summary import claim_rows, mean_sd
+from refmoe.study.train import COMBOS, RunId, combo_objective, train_phase, train_step
 
 from helpers import host
 
@@ -28,6 +29,29 @@ def test_combo_objective_switches_terms_off():
     assert got["aux+ortho+var"] == (0.1, 0.2, 0.3) and got["ortho+var"] == (0.0, 0.2, 0.3)
     with pytest.raises(ValueError, match="combo"):
         combo_objective(base, "ortho")
+
+
+def test_run_id_names_a_combination_or_a_sweep_run():
+    base = PRESETS["paper"].replace(alpha=0.1, beta=0.2, gamma=0.3)
+    plain = RunId("aux+var")
+    assert plain.label == "aux+var" and not plain.is_sweep
+    o = plain.objective(base)
+    assert (o.alpha, o.beta, o.gamma, o.name) == (0.1, 0.0, 0.3, combo_objective(base, "aux+var").name)
+    run = RunId.sweep(0.5)
+    assert run == RunId("aux+ortho+var", 0.5) and run.is_sweep and run.label == "sweep:0.5"
+    o = run.objective(base)
+    assert (o.alpha, o.beta, o.gamma) == (0.1, 0.2 * 0.5, 0.3 * 0.5)
+    assert RunId.sweep(10).label == "sweep:10"
+
+
+def test_run_seed_files_sweep_runs_under_their_label():
+    st = StudyConfig(d_model=8, d_hidden=8, n_experts=4, top_k=2, n_clusters=4, batch_size=32, pretrain_steps=4,
+                     finetune_steps=3, log_every=0, eval_tokens=64, overlap_points=40, seeds=(0,),
+                     presets=("paper",), combos=("aux", "aux+ortho+var"), sweep=(0.5, 2.0))
+    ft = run_seed(st, 0, status=lambda line: None)["finetune"]["paper"]
+    assert set(ft["sweep"]) == {"sweep:0.5", "sweep:2"}
+    assert [r["factor"] for r in ft["sweep"].values()] == [0.5, 2.0]
+    assert ft["sweep"]["sweep:2"]["task"][0] == ft["aux+ortho+var"]["task"][0]   # same checkpoint, same batch
 
 
 def test_total_gradient_of_a_training_step_matches_finite_differences():
@@ -142,7 +166,7 @@ def test_verdicts_on_hand_made_results():
 
 
 def test_all_expert_outputs_agree_with_the_layer(backend):
-    from refmoe.evaluate import all_expert_outputs
+    from refmoe.study.evaluate import all_expert_outputs
 
     rng = np.random.default_rng(2)
     params = init_params(TINY, rng, np.float64, backend=backend)

@@ -19,7 +19,8 @@ SIZE_FLAGS = {"pretrain_steps": "pretrain_steps", "finetune_steps": "finetune_st
 
 
 def add_arguments(parser):
-    from ..train import COMBOS, StudyConfig
+    from ..study.runner import StudyConfig
+    from ..study.train import COMBOS
 
     d = StudyConfig()
     parser.add_argument("--out", default="reproduce_report", help="report folder (default: %(default)s)")
@@ -48,7 +49,7 @@ def add_arguments(parser):
 
 def study_from_args(args):
     """A StudyConfig from parsed flags: explicit flags win, then --quick sizes, then the study defaults."""
-    from ..train import StudyConfig
+    from ..study.runner import StudyConfig
 
     base = QUICK if args.quick else {}
     fields = {k: v for k, v in base.items()}
@@ -68,7 +69,8 @@ def study_from_args(args):
 
 def run(args) -> int:
     from ..backend import backend_name, get_xp
-    from ..study import run_study, write_report
+    from ..study.report import write_report
+    from ..study.runner import run_study
 
     backend_name(args.backend)
     get_xp(args.backend)                        # fails early and clearly when CuPy is unusable

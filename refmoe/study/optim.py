@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .backend import array_namespace
+from ..backend import array_namespace
 
 
 class AdamState(NamedTuple):

@@ -1,4 +1,4 @@
-r"""From per-seed results to a summary, a verdict per paper claim, ``results.json`` and ``report.md``.
+r"""From per-seed results to a summary over seeds and a verdict per paper claim.
 
 Every claim is judged on paired differences between two loss combinations trained from the same pre-trained
 checkpoint on the same batches (one difference per seed). A verdict is
@@ -12,26 +12,18 @@ Numbers are mean +/- sample standard deviation over seeds (just the value for on
 """
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 
-from .alignment import TERMS, conflict_fraction, nanmean_matrices
-from .metrics import rmse_curves
+from ..objective import TERMS
+from .alignment import conflict_fraction, nanmean_matrices
+from .metrics import moving_average, rmse_curves
 
 EVAL_KEYS = ("task", "maxvio_global", "rv_eq42", "rv_per_token", "overlap", "silhouette", "mi_bits", "nmi",
              "sel_cos", "all_cos", "discrim")
 MAXVIO_RMSE_BOUND = 0.03          # paper: RMSE of MaxVio curves with vs without L_o, L_v stays <= 0.03
 SMOOTH = 10                       # MaxVio_batch curves are compared after a 10-step moving average
-
-
-def moving_average(y, w: int = SMOOTH) -> np.ndarray:
-    """Trailing-edge-padded moving average of width w (same length as y)."""
-    y = np.asarray(y, dtype=np.float64)
-    if w <= 1 or y.size < w:
-        return y
-    return np.convolve(np.pad(y, (w // 2, w - 1 - w // 2), mode="edge"), np.ones(w) / w, mode="valid")
 
 
 def maxvio_rmse(run_a, run_b, smooth: int = SMOOTH) -> float:
@@ -193,51 +185,3 @@ def claim_rows(per_seed: list, preset: str, combos) -> list:
     diff_row("C8", "L_o makes p_ij = g_y . x~ more discriminative across a token's experts", "aux", "aux+ortho",
              "discrim", +1)
     return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# writing
-# ----------------------------------------------------------------------------------------------
-
-def _rounded(o, digits: int = 6):
-    """Floats rounded to ``digits`` significant digits (NaN kept), recursively through lists and dicts."""
-    if isinstance(o, (float, np.floating)):
-        o = float(o)
-        return o if (math.isnan(o) or math.isinf(o) or o == 0.0) else float(f"{o:.{digits}g}")
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, np.ndarray):
-        return _rounded(o.tolist(), digits)
-    if isinstance(o, dict):
-        return {k: _rounded(v, digits) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_rounded(v, digits) for v in o]
-    return o
-
-
-def write_json(path, obj):
-    """One JSON file, floats to 6 significant digits, NaN written as NaN (Python's json reads it back)."""
-    with open(path, "w") as fh:
-        json.dump(_rounded(obj), fh, separators=(",", ":"), allow_nan=True)
-        fh.write("\n")
-
-
-def _row_numbers(r) -> str:
-    if r["id"] == "C4":
-        return (f"RMSE {fmt(*r['diff'])} (unsmoothed {fmt(*r['raw'])}); for scale, none vs aux "
-                f"{fmt(*r['reference'])}")
-    if r["id"] == "C6":
-        return f"overlap drop from adding L_o {fmt(*r['a'])}, from adding L_v {fmt(*r['b'])}"
-    if r["id"] == "C7":
-        return f"variance rise from adding L_o {fmt(*r['a'])}, from adding L_v {fmt(*r['b'])}"
-    rel = "" if math.isnan(r["rel_pct"]) else f" ({r['rel_pct']:+.0f}%)"
-    return f"{fmt(*r['a'])} -> {fmt(*r['b'])}{rel}"
-
-
-def claims_table(rows_by_preset: dict) -> str:
-    lines = ["| claim | preset | numbers (mean +/- sd over seeds) | paper | verdict |", "|---|---|---|---|---|"]
-    for preset, rows in rows_by_preset.items():
-        for r in rows:
-            lines.append(f"| {r['id']} {r['claim']} | {preset} | {_row_numbers(r)} | {r['paper']} | "
-                         f"**{r['verdict']}** |")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-r"""Held-out evaluation of a trained MoE block: every metric of ``refmoe.metrics`` on stated inputs.
+r"""Held-out evaluation of a trained MoE block: every metric of ``refmoe.study.metrics`` on stated inputs.
 
 Dimension letters: N tokens, D model width, E routed experts, K top-k.
 
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import ops
+from ..backend import array_namespace, to_numpy
+from ..layer import moe_forward
 from . import data as D_
-from . import ops
 from .alignment import routing_discriminativeness
-from .backend import array_namespace, to_numpy
-from .layer import moe_forward
 from .metrics import (expert_output_cosine, expert_overlap, max_vio, mutual_information, routing_variance_eq42,
                       routing_variance_per_token, selected_output_cosine, silhouette)
 

@@ -1,39 +1,75 @@
-"""The whole specialisation study: every seed, the summary, the verdicts and the report folder.
+r"""The report folder of a study: ``results.json`` (every number), ``report.md`` (setup, verdicts, tables) and
+the PNG figures of ``refmoe.study.figures``.
 
-    result = run_study(StudyConfig(...))        # trains; one status line per logging step
-    write_report(result, "reproduce_report")     # figures, results.json, report.md
+    write_report(run_study(StudyConfig(...)), "reproduce_report")
+
+JSON floats are rounded to 6 significant digits; NaN is written as NaN (Python's json reads it back).
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
-import time
-from typing import Callable, NamedTuple
 
-from .backend import device_description
-from .report import EVAL_KEYS, claim_rows, claims_table, fmt, summarize, sweep_summary, write_json
-from .train import StudyConfig, run_seed
+import numpy as np
+
+from ..backend import device_description
+from .alignment import GROUPS
+from .runner import StudyResult
+from .summary import EVAL_KEYS, fmt
+
+# ----------------------------------------------------------------------------------------------
+# results.json and the claims table
+# ----------------------------------------------------------------------------------------------
+
+def _rounded(o, digits: int = 6):
+    """Floats rounded to ``digits`` significant digits (NaN kept), recursively through lists and dicts."""
+    if isinstance(o, (float, np.floating)):
+        o = float(o)
+        return o if (math.isnan(o) or math.isinf(o) or o == 0.0) else float(f"{o:.{digits}g}")
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, np.ndarray):
+        return _rounded(o.tolist(), digits)
+    if isinstance(o, dict):
+        return {k: _rounded(v, digits) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_rounded(v, digits) for v in o]
+    return o
 
 
-class StudyResult(NamedTuple):
-    study: StudyConfig
-    per_seed: list           # run_seed output per seed
-    summary: dict            # preset -> combo -> metric -> [mean, sd]
-    claims: dict             # preset -> list of claim rows
-    sweep: dict              # preset -> aux+ortho+var at scaled beta, gamma (report.sweep_summary)
-    seconds: float           # wall time of the training and evaluation
+def write_json(path, obj):
+    """One JSON file, floats to 6 significant digits, NaN written as NaN (Python's json reads it back)."""
+    with open(path, "w") as fh:
+        json.dump(_rounded(obj), fh, separators=(",", ":"), allow_nan=True)
+        fh.write("\n")
 
 
-def run_study(study: StudyConfig, *, status: Callable[[str], None] = print) -> StudyResult:
-    t0 = time.perf_counter()
-    per_seed = []
-    for seed in study.seeds:
-        per_seed.append(run_seed(study, seed, status=status))
-    summary = summarize(per_seed, study.presets, study.combos)
-    claims = {p: claim_rows(per_seed, p, study.combos) for p in study.presets}
-    sweep = sweep_summary(per_seed, study.presets)
-    return StudyResult(study, per_seed, summary, claims, sweep, time.perf_counter() - t0)
+def _row_numbers(r) -> str:
+    if r["id"] == "C4":
+        return (f"RMSE {fmt(*r['diff'])} (unsmoothed {fmt(*r['raw'])}); for scale, none vs aux "
+                f"{fmt(*r['reference'])}")
+    if r["id"] == "C6":
+        return f"overlap drop from adding L_o {fmt(*r['a'])}, from adding L_v {fmt(*r['b'])}"
+    if r["id"] == "C7":
+        return f"variance rise from adding L_o {fmt(*r['a'])}, from adding L_v {fmt(*r['b'])}"
+    rel = "" if math.isnan(r["rel_pct"]) else f" ({r['rel_pct']:+.0f}%)"
+    return f"{fmt(*r['a'])} -> {fmt(*r['b'])}{rel}"
 
+
+def claims_table(rows_by_preset: dict) -> str:
+    lines = ["| claim | preset | numbers (mean +/- sd over seeds) | paper | verdict |", "|---|---|---|---|---|"]
+    for preset, rows in rows_by_preset.items():
+        for r in rows:
+            lines.append(f"| {r['id']} {r['claim']} | {preset} | {_row_numbers(r)} | {r['paper']} | "
+                         f"**{r['verdict']}** |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# report.md
+# ----------------------------------------------------------------------------------------------
 
 def _objective_lines(result: StudyResult) -> list:
     lines = []
@@ -61,7 +97,7 @@ def _alignment_table(result: StudyResult, preset: str, combo: str = "aux+ortho+v
     if not e or not e["alignment"]:
         return "(no logged steps)"
     lines = ["| group | pair | mean cosine | fraction of logged steps in conflict (cos < 0) |", "|---|---|---|---|"]
-    for g in ("router", "experts", "input"):
+    for g in GROUPS:
         al = e["alignment"][g]
         t = al["terms"]
         for a in range(len(t)):

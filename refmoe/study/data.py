@@ -1,6 +1,6 @@
 r"""Synthetic tokens with a known cluster structure, per-cluster teacher targets, and a narrow domain.
 
-Dimension letters: N tokens, D model width, M latent clusters.
+Dimension letters: N tokens, D model width, M latent clusters, R inner width of a teacher map.
 
 A task is M cluster centres mu_m (random directions of length ``radius``) and M teacher maps. Token i of
 cluster m_i is
@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import get_xp
+from ..backend import get_xp
 
 FLOAT_DTYPES = (np.float32, np.float64)
 

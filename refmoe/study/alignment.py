@@ -1,9 +1,10 @@
 r"""Gradient-alignment analyses: how the terms of the objective pull on the same parameters.
 
-Dimension letters: N tokens, D model width, E routed experts, K top-k.
+Dimension letters: N tokens, D model width, H expert hidden width, E routed experts, K top-k, T objective terms
+(``refmoe.objective.TERMS``), S logged steps.
 
 Inputs are the per-term gradients of :func:`refmoe.objective.objective_forward_backward` (``grads[term]``,
-each already multiplied by its coefficient; terms 'task' = L_h, 'aux', 'ortho', 'var'). They are grouped as
+each already multiplied by its coefficient; the T terms 'task' = L_h, 'aux', 'ortho', 'var'). They are grouped as
 
     router   w_router                              [E, D]
     experts  w_gate, w_up, w_down (routed experts)  [E, D, H], [E, D, H], [E, H, D]
@@ -24,10 +25,10 @@ import math
 
 import numpy as np
 
-from .backend import array_namespace, to_numpy
+from ..backend import array_namespace, to_numpy
+from ..objective import TERMS
 from .metrics import safe_cosine
 
-TERMS = ("task", "aux", "ortho", "var")
 GROUPS = {"router": ("w_router",), "experts": ("w_gate", "w_up", "w_down"), "input": ("x",)}
 
 
@@ -77,8 +78,8 @@ def conflict_fraction(matrices) -> np.ndarray:
 
 
 def nanmean_matrices(matrices) -> np.ndarray:
-    """Element-wise mean over steps, ignoring NaN cells (NaN where every step is NaN)."""
-    m = np.asarray(matrices, dtype=np.float64)
+    """Element-wise mean over steps, ignoring NaN cells (NaN where every step is NaN).  [S, T, T] -> [T, T]."""
+    m = np.asarray(matrices, dtype=np.float64)                  # [S, T, T]
     defined = ~np.isnan(m)
     n_def = defined.sum(axis=0)
     tot = np.where(defined, m, 0.0).sum(axis=0)

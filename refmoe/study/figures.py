@@ -1,4 +1,4 @@
-"""PNG figures of the specialisation study (matplotlib, headless Agg backend), from ``report.summarize`` output.
+"""PNG figures of the specialisation study (matplotlib, headless Agg backend), from ``summary.summarize`` output.
 
     fig2_maxvio.png          MaxVio_batch over fine-tuning steps per loss combination (like the paper's Fig. 2)
     fig3_specialization.png  overlap, silhouette, both routing variances (like the paper's Fig. 3)
@@ -14,6 +14,9 @@ import math
 import os
 
 import numpy as np
+
+from .alignment import GROUPS
+from .metrics import moving_average
 
 FIG3_COMBOS = ("none", "aux", "aux+ortho+var", "ortho+var")
 ABLATION_COMBOS = ("aux", "aux+ortho", "aux+var", "aux+ortho+var")
@@ -31,14 +34,6 @@ def _plt():
     return plt
 
 
-def _smooth(y, w):
-    y = np.asarray(y, dtype=np.float64)
-    if w <= 1 or y.size < w:
-        return y
-    k = np.ones(w) / w
-    return np.convolve(np.pad(y, (w // 2, w - 1 - w // 2), mode="edge"), k, mode="valid")
-
-
 def fig_maxvio(summary: dict, smooth: int = 5):
     plt = _plt()
     presets = list(summary)
@@ -46,7 +41,7 @@ def fig_maxvio(summary: dict, smooth: int = 5):
     for ax, p in zip(axes[0], presets):
         for c, e in summary[p].items():
             y = e["maxvio_curve"]
-            ax.plot(np.arange(1, len(y) + 1), _smooth(y, smooth), label=c, lw=1.4)
+            ax.plot(np.arange(1, len(y) + 1), moving_average(y, smooth), label=c, lw=1.4)
         ax.set_title(f"{p}: MaxVio_batch during fine-tuning")
         ax.set_xlabel("fine-tuning step")
         ax.grid(alpha=0.3)
@@ -94,9 +89,6 @@ def _matrix(m):
     return np.asarray([[math.nan if v is None else v for v in row] for row in m], dtype=np.float64)
 
 
-GROUPS = ("router", "experts", "input")
-
-
 def _alignment_axes(summary: dict, combo: str, width: float, row_height: float, title: str):
     """Presets that logged gradient alignment for ``combo``, and a figure with one row of 3 axes per preset."""
     plt = _plt()
@@ -111,10 +103,9 @@ def fig_grad_cosine(summary: dict, combo: str = "aux+ortho+var"):
     presets, fig, axes = _alignment_axes(
         summary, combo, 11, 3.4, f"cosine of the per-term gradients, {combo}, mean over logged steps and seeds "
                                  "('zero': that term's gradient is exactly zero there)")
-    groups = GROUPS
     for i, p in enumerate(presets):
         al = summary[p][combo]["alignment"]
-        for j, g in enumerate(groups):
+        for j, g in enumerate(GROUPS):
             ax = axes[i][j]
             m = _matrix(al[g]["mean_cos"])
             im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
@@ -136,10 +127,9 @@ def fig_grad_cosine_steps(summary: dict, combo: str = "aux+ortho+var"):
     presets, fig, axes = _alignment_axes(
         summary, combo, 12, 3.0, f"cosine of per-term gradients over fine-tuning, {combo}, mean over seeds "
                                  "(white: a gradient is exactly zero)")
-    groups = GROUPS
     for i, p in enumerate(presets):
         al = summary[p][combo]["alignment"]
-        for j, g in enumerate(groups):
+        for j, g in enumerate(GROUPS):
             terms = al[g]["terms"]
             rows = []
             for a, b in PAIR_LABELS:

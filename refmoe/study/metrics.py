@@ -1,6 +1,7 @@
 r"""Measures of balance and specialisation (paper App. E, and two that use a known ground truth).
 
-Dimension letters: N tokens (or points), D width, E routed experts, K top-k.
+Dimension letters: N tokens (or points), D width, E routed experts, K top-k, C distinct labels, T curve length
+(training steps).
 
 Every function takes arrays of one backend and computes there (namespace from the inputs); results are
 returned as Python floats (an explicit, small device-to-host read) or as arrays of the input's backend.
@@ -19,7 +20,7 @@ import math
 
 import numpy as np
 
-from .backend import array_namespace, to_numpy
+from ..backend import array_namespace, to_numpy
 
 
 def _f(a) -> float:
@@ -52,8 +53,19 @@ def max_vio(topk_idx, n_experts: int, *, absolute: bool = False) -> float:
     return _f(top / mean)
 
 
+def moving_average(y, w: int) -> np.ndarray:
+    """Moving average of width w over a host curve [T], padded with its end values so the length stays T.
+
+    w <= 1, or a curve shorter than w, is returned unchanged (as float64).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    if w <= 1 or y.size < w:
+        return y
+    return np.convolve(np.pad(y, (w // 2, w - 1 - w // 2), mode="edge"), np.ones(w) / w, mode="valid")
+
+
 def rmse_curves(a, b) -> float:
-    r"""RMSE between two curves of equal length (paper Eq. 43): sqrt(mean_t (a_t - b_t)^2)."""
+    r"""RMSE between two curves [T] (paper Eq. 43): sqrt(mean_t (a_t - b_t)^2)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"curves must be 1-D of equal non-zero length, got {a.shape} and {b.shape}")
@@ -209,13 +221,6 @@ def selected_output_cosine(expert_out) -> float:
     g = xp.abs(xp.einsum("njd,nkd->njk", unit, unit))                        # [N, K, K]
     rows, cols = (xp.asarray(a) for a in np.triu_indices(K, 1))        # pairs j < k
     return _f(g[:, rows, cols].mean())
-
-
-def entropy_bits(p) -> float:
-    """Shannon entropy in bits of a probability vector (zeros ignored)."""
-    p = np.asarray(p, dtype=np.float64)
-    p = p[p > 0]
-    return float(-(p * np.log2(p)).sum()) if p.size else 0.0
 
 
 def safe_cosine(u, v) -> float:

@@ -1,0 +1,145 @@
+r"""Training an MoE block with refmoe's own gradients: broad pre-training, then narrow fine-tuning.
+
+Dimension letters: N tokens, D model width, E routed experts, K top-k, T objective terms (``refmoe.objective.TERMS``).
+
+The model is one residual MoE block with shared experts, out = x + MoE(x), fitted to the per-cluster teachers
+of ``refmoe.study.data`` with the task loss L_h = (1/(N D)) sum_i ||out_i - t_i||^2 (``data.mse_forward``). Its
+gradient dy = dL_h/dout is computed by hand and passed, with the regularisers of an ``Objective``, to
+``objective_forward`` / ``objective_backward``; the update is the hand-written Adam of ``refmoe.study.optim``.
+The study around these (seeds, presets, the verdicts) is ``refmoe.study.runner``.
+
+Phase 1 (pre-training) uses the broad mixture with L_h + alpha L_aux. Phase 2 starts from that checkpoint, with
+fresh Adam moments, and fine-tunes on the narrow domain under one loss combination (``COMBOS``), or, in the
+sweep, under aux+ortho+var with beta and gamma scaled by a factor; a ``RunId`` names which.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from ..backend import to_numpy
+from ..config import MoEConfig
+from ..objective import PRESETS, Objective, objective_backward, objective_forward
+from . import data as D_
+from .alignment import GROUPS, cosine_matrix, gradient_norms, routing_discriminativeness
+from .metrics import max_vio
+from .optim import AdamConfig, adam_init, adam_step
+
+# name -> (use L_aux, use L_o, use L_v)
+COMBOS = {
+    "none": (False, False, False),
+    "aux": (True, False, False),
+    "aux+ortho": (True, True, False),
+    "aux+var": (True, False, True),
+    "aux+ortho+var": (True, True, True),
+    "ortho+var": (False, True, True),
+}
+
+
+class StepRecord(NamedTuple):
+    task: float          # L_h on the batch
+    maxvio: float        # MaxVio_batch (Eq. 36)
+
+
+class LogRecord(NamedTuple):
+    step: int
+    losses: dict         # term -> unweighted value (Python floats)
+    cosines: dict        # group -> [T, T] cosine matrix (task, aux, ortho, var)
+    norms: dict          # group -> term -> gradient norm
+    discrim: float       # routing_discriminativeness on the batch
+
+
+class PhaseResult(NamedTuple):
+    params: dict
+    steps: list          # StepRecord per step
+    logs: list           # LogRecord per logging step
+
+
+def combo_objective(base: Objective, combo: str) -> Objective:
+    """``base`` with the coefficients of the terms that ``combo`` leaves out set to 0."""
+    if combo not in COMBOS:
+        raise ValueError(f"combo={combo!r}; expected one of {list(COMBOS)}")
+    use_aux, use_o, use_v = COMBOS[combo]
+    return base.replace(alpha=base.alpha if use_aux else 0.0, beta=base.beta if use_o else 0.0,
+                        gamma=base.gamma if use_v else 0.0, name=f"{base.name}:{combo}")
+
+
+SWEEP_COMBO = "aux+ortho+var"        # the combination whose beta and gamma the sweep scales
+
+
+class RunId(NamedTuple):
+    """Which fine-tuning run of a preset: a loss combination as it is (``factor`` None), or one run of the sweep,
+    ``SWEEP_COMBO`` with beta and gamma times ``factor`` (made by ``RunId.sweep``)."""
+    combo: str                       # a key of COMBOS
+    factor: float | None = None      # None: the combination's own coefficients
+
+    @classmethod
+    def sweep(cls, factor: float) -> RunId:
+        return cls(SWEEP_COMBO, float(factor))
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.factor is not None
+
+    @property
+    def label(self) -> str:
+        """The name in status lines and in results.json: the combination, or "sweep:<factor>"."""
+        return f"sweep:{self.factor:g}" if self.is_sweep else self.combo
+
+    def objective(self, base: Objective) -> Objective:
+        """``base`` restricted to the combination, then beta and gamma scaled for a sweep run."""
+        obj = combo_objective(base, self.combo)
+        if not self.is_sweep:
+            return obj
+        f = self.factor
+        return obj.replace(beta=obj.beta * f, gamma=obj.gamma * f, name=f"{obj.name}x{f:g}")
+
+
+def pretrain_objective(alpha: float = 3e-2) -> Objective:
+    """Phase 1: L_h + alpha L_aux (switch form), no L_o, no L_v."""
+    return PRESETS["paper"].replace(alpha=alpha, beta=0.0, gamma=0.0, name="pretrain")
+
+
+def _f(a) -> float:
+    return float(to_numpy(a))
+
+
+def train_step(params: dict, opt_state, batch: D_.Batch, cfg: MoEConfig, objective: Objective,
+               adam: AdamConfig, *, per_term: bool = False):
+    """One update on one batch.  Returns (params, opt_state, ObjectiveResult, task loss, dy [N, D]).
+
+    The block is out = x + y; the residual passes dy = dL_h/dout to y unchanged.
+    """
+    y, ocache = objective_forward(batch.x, params, cfg, objective)
+    task, r = D_.mse_forward(batch.x + y, batch.target)
+    dy = D_.mse_backward(1.0, r)                                                  # [N, D]
+    res = objective_backward(dy, ocache, task_loss=task, per_term=per_term)
+    params, opt_state = adam_step(params, res.grads["total"], opt_state, adam)
+    return params, opt_state, res, _f(task), dy
+
+
+def train_phase(params: dict, cfg: MoEConfig, objective: Objective, task: D_.ClusterTask, rng, *,
+                steps: int, batch_size: int, domain: str, adam: AdamConfig, log_every: int = 0,
+                backend: str = "numpy", dtype=np.float32, on_log: Callable | None = None) -> PhaseResult:
+    """``steps`` updates on fresh batches of ``domain``; per-term analyses every ``log_every`` steps.
+
+    on_log(LogRecord) is called at each logging step (the status line of the command).
+    """
+    opt = adam_init(params)
+    step_recs, logs = [], []
+    for s in range(1, steps + 1):
+        batch = D_.sample(task, rng, batch_size, domain=domain, backend=backend, dtype=dtype)
+        logging = bool(log_every) and (s % log_every == 0 or s == 1 or s == steps)
+        params, opt, res, l_h, dy = train_step(params, opt, batch, cfg, objective, adam, per_term=logging)
+        step_recs.append(StepRecord(l_h, max_vio(res.cache.topk_idx, cfg.n_experts)))
+        if logging:
+            losses = {"task": l_h, "aux": _f(res.losses["aux"]), "ortho": _f(res.losses["ortho"]),
+                      "var": _f(res.losses["var"])}
+            cos = {g: cosine_matrix(res.grads, g) for g in GROUPS}
+            norms = {g: gradient_norms(res.grads, g) for g in GROUPS}
+            rec = LogRecord(s, losses, cos, norms, routing_discriminativeness(dy, res.cache.expert_out))
+            logs.append(rec)
+            if on_log is not None:
+                on_log(rec)
+    return PhaseResult(params, step_recs, logs)
