@@ -10,7 +10,7 @@ batch layout. The counts come from the hard top-k selection, so f (and W) has ze
 dQ = dL * W, chained through the renormalisation when Q = S. A variant is therefore just a function that
 builds W; ``AUX_VARIANTS`` maps names to those builders.
 
-Variants (docs/spec.md, section on L_aux):
+Variants (docs/spec.md, section 2.1):
     paper_eq2       sum_j f_j p_j,  f_j = c_j / N, p_j = sum_i S_ij           balanced value N K / E
     switch          E sum_j f_j Pbar_j, f_j = c_j / N, Pbar_j = mean_i P_ij   balanced value K
     deepseek_batch  sum_j f_j Pbar_j, f_j = E c_j / (N K)                     balanced value 1
