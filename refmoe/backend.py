@@ -62,13 +62,28 @@ def get_xp(backend: str | None = None):
     return np if name == "numpy" else _import_cupy()
 
 
+def cupy_status() -> tuple[bool, str]:
+    """Whether the CuPy backend can run here, and what was found; never raises (``refmoe info`` reports it).
+
+    ``(True, "CuPy 13.3.0, 1 CUDA device")``, or ``(False, reason)`` with reason ``"No module named 'cupy'"``
+    (or another import failure), ``"no CUDA device: <the CUDA error>"`` or ``"no CUDA device is visible"``.
+    """
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a CUDA library failing to load
+        return False, str(exc) or type(exc).__name__
+    try:
+        n_devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"no CUDA device: {exc}"
+    if n_devices < 1:
+        return False, "no CUDA device is visible"
+    return True, f"CuPy {cupy.__version__}, {n_devices} CUDA device{'s' if n_devices > 1 else ''}"
+
+
 def cupy_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
-    try:
-        _import_cupy()
-    except BackendUnavailableError:
-        return False
-    return True
+    return cupy_status()[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def _released_span_torch(torch, grouped):
 
 @pytest.mark.parametrize("variant", ["span", "span_code_grouping"])
 def test_span_forms_match_released_code_with_torch_oracle(rng, variant):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install refmoe[oracle]")
     N, K, D, E = 9, 3, 6, 5
     A = rng.standard_normal((N, K, D))
     idx = _topk(rng, N, K, E)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install refmoe[oracle]")
 
 from refmoe.golden import check_dump, load_manifest, write_golden  # noqa: E402
 
