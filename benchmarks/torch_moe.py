@@ -79,7 +79,7 @@ def layer_forward(x, p, cfg, dispatch="sorted"):
 
 
 # ----------------------------------------------------------------------------------------------
-# losses (the formulas of paper-math.md)
+# losses (the formulas of docs/spec.md, section 2)
 # ----------------------------------------------------------------------------------------------
 
 def topk_scores(scores, topk_idx):

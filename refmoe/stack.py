@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .study import data as D_
 from .layer import moe_backward, moe_forward
+from .losses.task import mse_backward, mse_forward
 from .objective import objective_forward_backward
 
 TERMS = ("task", "aux", "ortho", "var")
@@ -40,8 +40,8 @@ def stack_forward_backward(x, params_list: list, cfg, target, objective, *, per_
     for p in params_list:
         y, _ = moe_forward(hidden[-1], p, cfg)
         hidden.append(hidden[-1] + y)
-    task, r = D_.mse_forward(hidden[-1], target)
-    dy = D_.mse_backward(1.0, r)
+    task, r = mse_forward(hidden[-1], target)
+    dy = mse_backward(1.0, r)
     dh = dy                                                        # gradient on h_{l+1}
     results, grads = [None] * len(params_list), [None] * len(params_list)
     for l in reversed(range(len(params_list))):

@@ -1,4 +1,4 @@
-"""Balancing-loss conventions of other systems: the property tests of lbl-conventions.md and gradient checks."""
+"""Balancing-loss conventions of other systems: the property tests of docs/spec.md (section 6) and gradient checks."""
 import numpy as np
 import pytest
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from refmoe.study import data as D
 from refmoe import gradcheck as gc
+from refmoe.losses.task import mse_backward, mse_forward
 from refmoe.study.alignment import cosine_matrix
 from refmoe.config import MoEConfig
 from refmoe.layer import init_params, moe_forward
@@ -47,7 +48,7 @@ def _total(ps, b):
     for p in ps:
         reg = reg + objective_forward_backward(h, p, CFG, None, OBJ, per_term=False).losses["regularisers"]
         h = h + moe_forward(h, p, CFG)[0]
-    return D.mse_forward(h, b.target)[0] + reg
+    return mse_forward(h, b.target)[0] + reg
 
 
 def _routing(ps, b):

@@ -120,24 +120,3 @@ def sample(task: ClusterTask, rng, n_tokens: int, *, domain: str = "broad", back
     t = teacher(task, x, cluster)
     xp = get_xp(backend)
     return Batch(xp.asarray(x.astype(dtype)), xp.asarray(t.astype(dtype)), xp.asarray(cluster.astype(np.int64)))
-
-
-# ----------------------------------------------------------------------------------------------
-# the task loss: mean over tokens of the squared error, with its hand-derived gradient
-# ----------------------------------------------------------------------------------------------
-
-def mse_forward(out, target):
-    r"""L_h = (1/(N D)) sum_i ||out_i - t_i||^2, the mean squared error.  out, target: [N, D] -> (0-d loss, cache).
-
-    Averaged over tokens and features: about 1 for an untrained block on ``make_task`` data, the order of
-    a per-token language-model loss that the paper's coefficients (1e-3) are set against.
-    """
-    if tuple(out.shape) != tuple(target.shape) or out.ndim != 2:
-        raise ValueError(f"out {tuple(out.shape)} and target {tuple(target.shape)} must be the same [N, D]")
-    r = out - target                                                            # [N, D]
-    return (r * r).sum() / (out.shape[0] * out.shape[1]), r
-
-
-def mse_backward(dloss, r):
-    r"""dL_h/dout = (2 / (N D)) (out - t) dloss.  Returns d_out [N, D]."""
-    return r * (2.0 * float(dloss) / (r.shape[0] * r.shape[1]))

@@ -22,6 +22,7 @@ import numpy as np
 from .. import ops
 from ..backend import array_namespace, to_numpy
 from ..layer import moe_forward
+from ..losses.task import mse_backward, mse_forward
 from . import data as D_
 from .alignment import routing_discriminativeness
 from .metrics import (expert_output_cosine, expert_overlap, max_vio, mutual_information, routing_variance_eq42,
@@ -43,8 +44,8 @@ def evaluate_set(params: dict, cfg, batch: D_.Batch, n_points: int, rng) -> dict
     """Every metric on one held-out batch.  Returns Python floats."""
     xp = array_namespace(batch.x)
     y, cache = moe_forward(batch.x, params, cfg)
-    task, r = D_.mse_forward(batch.x + y, batch.target)
-    dy = D_.mse_backward(1.0, r)
+    task, r = mse_forward(batch.x + y, batch.target)
+    dy = mse_backward(1.0, r)
     N, K = cache.topk_idx.shape
     (S, _), _ = ops.topk_scores_forward(cache.scores, cache.topk_idx)           # [N, E] post-top-k
     n_tok = max(2, min(N, n_points // K))

@@ -3,7 +3,7 @@ r"""Training an MoE block with refmoe's own gradients: broad pre-training, then 
 Dimension letters: N tokens, D model width, E routed experts, K top-k, T objective terms (``refmoe.objective.TERMS``).
 
 The model is one residual MoE block with shared experts, out = x + MoE(x), fitted to the per-cluster teachers
-of ``refmoe.study.data`` with the task loss L_h = (1/(N D)) sum_i ||out_i - t_i||^2 (``data.mse_forward``). Its
+of ``refmoe.study.data`` with the task loss L_h = (1/(N D)) sum_i ||out_i - t_i||^2 (``refmoe.losses.task.mse_forward``). Its
 gradient dy = dL_h/dout is computed by hand and passed, with the regularisers of an ``Objective``, to
 ``objective_forward`` / ``objective_backward``; the update is the hand-written Adam of ``refmoe.study.optim``.
 The study around these (seeds, presets, the verdicts) is ``refmoe.study.runner``.
@@ -20,6 +20,7 @@ import numpy as np
 
 from ..backend import to_numpy
 from ..config import MoEConfig
+from ..losses.task import mse_backward, mse_forward
 from ..objective import PRESETS, Objective, objective_backward, objective_forward
 from . import data as D_
 from .alignment import GROUPS, cosine_matrix, gradient_norms, routing_discriminativeness
@@ -112,8 +113,8 @@ def train_step(params: dict, opt_state, batch: D_.Batch, cfg: MoEConfig, objecti
     The block is out = x + y; the residual passes dy = dL_h/dout to y unchanged.
     """
     y, ocache = objective_forward(batch.x, params, cfg, objective)
-    task, r = D_.mse_forward(batch.x + y, batch.target)
-    dy = D_.mse_backward(1.0, r)                                                  # [N, D]
+    task, r = mse_forward(batch.x + y, batch.target)
+    dy = mse_backward(1.0, r)                                                  # [N, D]
     res = objective_backward(dy, ocache, task_loss=task, per_term=per_term)
     params, opt_state = adam_step(params, res.grads["total"], opt_state, adam)
     return params, opt_state, res, _f(task), dy
