@@ -111,3 +111,22 @@ def test_eq33_terms():
     assert r["gamma=0"] < 1e-12                                     # task and L_aux terms exact (5e-17)
     assert r["gamma=1,exact_v"] < 1e-12                             # exact L_v term restores it
     assert r["gamma=1"] > 1e-4                                      # the (N-1)/N factor: measured 0.008
+
+
+# ----------------------------------------------------------------------------------------------
+# the arithmetic of Table 1's headlines, from the table's own numbers
+# ----------------------------------------------------------------------------------------------
+
+def test_table1_headlines():
+    from refmoe.theory import table1
+
+    t = table1.load()
+    assert set(t["methods"]) == {"aux", "loss_free", "gshard", "st_moe", "ours"} and len(t["benchmarks"]) == 11
+    assert all(a.shape == (3, 11) for a in t["methods"].values())
+    h = table1.headline_numbers()
+    assert h["cells"] == 33
+    assert round(100 * h["mean_gain"], 2) == 23.79                  # the mean, as Sec. 1 says
+    assert h["max_gain"] == pytest.approx(1.2293, abs=1e-4)         # the abstract's "up to" is the mean, not this
+    assert h["wins"] == 29                                          # 87.88% > 85%, but not 92.42%
+    assert (h["pairwise_wins"], h["pairs"]) == (126, 132)           # 95.45%
+    assert h["max_margin_points"] == pytest.approx(6.62, abs=1e-9)  # "nearly 7%": points

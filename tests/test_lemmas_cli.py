@@ -20,10 +20,12 @@ EXPECTED = {
     "G.eq9_10": "REFUTED", "G.eq8": "REFUTED", "G.eq3_20": "REFUTED", "G.eq4_23": "REFUTED",
     "G.eq24": "HOLDS-IF", "G.eq27": "CONFIRMED", "G.eq10_34": "CONFIRMED", "G.disjoint": "CONFIRMED",
     "G.lo_router": "REFUTED", "G.cross_layer": "SCOPE",
+    "T1.mean_gain": "CONFIRMED", "T1.up_to": "REFUTED", "T1.sota": "CONFIRMED", "T1.all_baselines": "REFUTED",
+    "T1.margin": "HOLDS-IF",
 }
 FINDINGS = {"L1.loss_descent"}
 NOTES = {"L1": "theory/lemma1.md", "Aux": "theory/lemma1.md", "L2": "theory/lemma2.md",
-         "G": "theory/gradient-audit.md"}
+         "G": "theory/gradient-audit.md", "T1": "theory/table1.md"}
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 ``all_verdicts(seed)`` runs every check (seconds on one core) and returns a list of ``Verdict`` rows;
 ``all_findings(seed)`` returns the exploratory ``Finding`` rows (measurements that are no claim of the paper).
 The ``refmoe lemmas`` command prints both, apart, and each row names the test in ``tests/`` that pins it.
+Row ids: L1 Lemma 1, Aux L_aux, L2 Lemma 2, G gradient formulas, T1 the arithmetic of Table 1's headlines.
 The verdict words are defined once, in ``LEGEND``. Dimension letters as in the modules it calls: N tokens
 (rows of S), n or E experts, k or K top-k, D output width.
 """
@@ -13,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import audit, lemma1, lemma1_losses, lemma1_opt, lemma1_supports, lemma2
+from . import audit, lemma1, lemma1_losses, lemma1_opt, lemma1_supports, lemma2, table1
 
 
 LEGEND = {
@@ -332,9 +333,36 @@ def _audit(rng):
     return rows
 
 
+def _table1():
+    t = table1.headline_numbers()
+    n, test = t["cells"], "tests/test_audit.py::test_table1_headlines"
+    return [
+        Verdict("T1.mean_gain", "Sec. 1: '23.79% relative gains across 11 benchmarks' over With Aux Loss",
+                "CONFIRMED" if round(100 * t["mean_gain"], 2) == 23.79 else "REFUTED",
+                f"the mean of the {n} relative gains (ours - aux) / aux of Table 1 is {t['mean_gain']:.2%}", test),
+        Verdict("T1.up_to", "Abstract: 'improves classic MoE baselines with auxiliary loss by up to 23.79%'",
+                "REFUTED" if t["max_gain"] > t["mean_gain"] + 0.01 else "CONFIRMED",
+                f"23.79% is the mean gain, not a maximum: the largest is {t['max_gain']:.1%}, the median "
+                f"{t['median_gain']:.1%}", test),
+        Verdict("T1.sota", "Sec. 4.2: 'SOTA results in over 85% of the 33 tasks'",
+                "CONFIRMED" if t["wins"] / n > 0.85 else "REFUTED",
+                f"best of the 5 methods in {t['wins']}/{n} cells = {t['wins'] / n:.2%}", test),
+        Verdict("T1.all_baselines", "Sec. 1: 'outperform all baselines on 92.42% of tasks'",
+                "REFUTED" if abs(t["wins"] / n - 0.9242) > 1e-3 else "CONFIRMED",
+                f"all 4 baselines beaten in {t['wins']}/{n} = {t['wins'] / n:.2%} of the cells; pairwise "
+                f"(cell, baseline) wins {t['pairwise_wins']}/{t['pairs']} = {t['pairwise_wins'] / t['pairs']:.2%}; "
+                "92.42% = 61/66 matches neither", test),
+        Verdict("T1.margin", "Sec. 4.2: 'outperforms the next-best method by nearly 7%'",
+                "HOLDS-IF" if 6 < t["max_margin_points"] < 7 else "FAILS",
+                f"if read as accuracy points: the largest margin over the best baseline is "
+                f"{t['max_margin_points']:.2f} points; as a relative margin it is {t['max_margin_relative']:.1%}",
+                test),
+    ]
+
+
 def all_verdicts(seed: int = 0) -> list[Verdict]:
     rng = np.random.default_rng(seed)
-    return _lemma1(rng) + _lemma1_losses(rng) + _lemma2(rng) + _audit(rng)
+    return _lemma1(rng) + _lemma1_losses(rng) + _lemma2(rng) + _audit(rng) + _table1()
 
 
 def all_findings(seed: int = 0) -> list[Finding]:
