@@ -42,10 +42,6 @@ EXPERT_KEYS = ("w_gate", "w_up", "w_down")
 # Eq. 9/10 (L_v) and Eq. 8 (L_o) on random instances
 # ----------------------------------------------------------------------------------------------
 
-def _cos(a, b) -> float:
-    return safe_cosine(np.ravel(a), np.ravel(b))
-
-
 def plain_error(a, exact) -> float:
     """max|a - exact| / max|exact|: the plain relative error of a printed formula against the exact gradient."""
     a, exact = np.asarray(a, dtype=np.float64), np.asarray(exact, dtype=np.float64)
@@ -75,7 +71,8 @@ def audit_eq9(rng, N: int = 7, E: int = 5, K: int = 2) -> dict:
     mask = np.abs(exact) > 1e-12
     ratio = paper[mask] / exact[mask]
     return dict(N=N, E=E, fd_error_exact=rel_error(exact, fd), fd_error_paper=rel_error(paper, fd),
-                plain_error_paper=plain_error(paper, exact), ratio_min=float(ratio.min()), ratio_max=float(ratio.max()), expected_ratio=(N - 1) / N)
+                plain_error_paper=plain_error(paper, exact), ratio_min=float(ratio.min()),
+                ratio_max=float(ratio.max()), expected_ratio=(N - 1) / N)
 
 
 def audit_eq8(rng, N: int = 5, K: int = 3, D: int = 4) -> dict:
@@ -85,7 +82,7 @@ def audit_eq8(rng, N: int = 5, K: int = 3, D: int = 4) -> dict:
     exact = ortho_loss_backward(1.0, cache)
     fd = numerical_vjp(lambda inp: ortho_loss_forward(inp["A"], "pairwise", eps=0.0)[0], {"A": A.copy()})["A"]
     paper = paper_eq8_gradient(A, eps=0.0)
-    cos = _cos(paper, exact)
+    cos = safe_cosine(np.ravel(paper), np.ravel(exact))
     scale = float((paper * exact).sum() / (exact * exact).sum())       # least-squares factor paper ~ c * exact
     return dict(fd_error_exact=rel_error(exact, fd), fd_error_paper=rel_error(paper, fd),
                 plain_error_paper=plain_error(paper, exact), cosine=cos, best_scale=scale)
@@ -238,7 +235,7 @@ def audit_eq20_23(rng, K: int = 2) -> dict:
     for task in ("sum", "sq"):
         c, g = _exact(p, K, pm.Weights(), task=task)
         r[f"eq20_{task}"] = rel_error(pm.eq20_expert(c), g["theta"][:, 0, :])
-        r[f"eq20_cos_{task}"] = _cos(pm.eq20_expert(c), g["theta"][:, 0, :])
+        r[f"eq20_cos_{task}"] = safe_cosine(np.ravel(pm.eq20_expert(c)), np.ravel(g["theta"][:, 0, :]))
         c, g = _exact(p, K, pm.Weights(alpha=1.0), task=task)
         r[f"eq23_{task}"] = rel_error(pm.eq23_router(c, 1.0), g["w_router"])
     c, g1 = _exact(p, K, pm.Weights(alpha=1.0))
@@ -280,7 +277,8 @@ def audit_eq27_28(rng, K: int = 3) -> dict:
     lo_paper = pm.eq28_expert(c, 1.0) - pm.eq28_expert(c, 0.0)
     return dict(eq27=rel_error(pm.eq27_expert(c, 1.0), fd1), eq28_task=rel_error(pm.eq28_expert(c, 0.0), fd0),
                 eq28=rel_error(pm.eq28_expert(c, 1.0), fd1),
-                eq28_ortho=rel_error(lo_paper, fd1 - fd0), eq28_ortho_cos=_cos(lo_paper, fd1 - fd0))
+                eq28_ortho=rel_error(lo_paper, fd1 - fd0),
+                eq28_ortho_cos=safe_cosine(np.ravel(lo_paper), np.ravel(fd1 - fd0)))
 
 
 def audit_eq33(rng, K: int = 2) -> dict:

@@ -207,7 +207,8 @@ def _lemma2(rng):
                         f"constructed in refmoe's layer with D >= E (private output coordinate per expert) and "
                         f"varied tokens: L_o pairwise = span = 0.0 exactly, loads {ic['loads']}, L_aux deepseek_batch "
                         f"{ic['deepseek_batch']:.12f} (balanced 1); also with Gaussian tokens (N={rd['N']} <= "
-                        f"D={rd['D']}) and a router solved from them: loads {rd['loads']}, L_o = {rd['ortho_pairwise']}",
+                        f"D={rd['D']}) and a router solved from them: loads {rd['loads']}, "
+                        f"L_o = {rd['ortho_pairwise']}",
                         "tests/test_lemma2.py::test_intended_claim"))
     it = lemma2.identical_tokens_check()
     rows.append(Verdict("L2.identical", "Intended claim with identical tokens (K < E)",
@@ -261,7 +262,8 @@ def _audit(rng):
                         f"5 random instances (K = 2..4): exact backward matches FD to rel. error "
                         f"{max(e['fd_error_exact'] for e in e8s):.0e}; Eq. 8 plain error {span('plain_error_paper')}, "
                         f"cosine {span('cosine')}, least-squares scale {span('best_scale')} (not a multiple: "
-                        f"missing factor 2 and the terms where x~_ij is the base of the projection); inside Eq. 28's expert gradient: L_o term "
+                        "missing factor 2 and the terms where x~_ij is the base of the projection); inside "
+                        "Eq. 28's expert gradient: L_o term "
                         f"rel. error {e28['eq28_ortho']:.2f} vs FD, cosine {e28['eq28_ortho_cos']:.2f}",
                         "tests/test_audit.py::test_eq8_discrepancy"))
     e2 = audit.audit_eq20_23(rng)
