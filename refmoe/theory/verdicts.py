@@ -310,9 +310,9 @@ def _audit(rng):
                         "(G.eq9_10)", "tests/test_audit.py::test_eq33_terms"))
     blocks = audit.jacobian_blocks(rng)
     zero = all((r["experts"] == 0.0) if r["loss"] != "ortho" else (r["router"] == 0.0) for r in blocks)
-    rows.append(Verdict("G.disjoint", "Sec. 3.2, 'for any given MoE layer': 'L_aux and L_v do not directly "
-                        "contribute gradients to the expert parameter matrix', 'L_o does not affect the gradient "
-                        "with respect to routing parameters'", "CONFIRMED" if zero else "REFUTED",
+    rows.append(Verdict("G.disjoint", "Sec. 3.2, within a layer (Sec. 2.1: 'for any given MoE layer'): 'L_aux and "
+                        "L_v do not directly contribute gradients to the expert parameter matrix', 'L_o does not "
+                        "affect the gradient with respect to routing parameters'", "CONFIRMED" if zero else "REFUTED",
                         "exact zero blocks (max |grad| = 0.0) for 3 L_aux, 3 L_v, 2 L_o forms; every form has a "
                         "non-zero gradient on x", "tests/test_audit.py::test_within_layer_zero_blocks"))
     ortho_router = max(r["router"] for r in blocks if r["loss"] == "ortho")
@@ -325,8 +325,8 @@ def _audit(rng):
                         "tests/test_audit.py::test_within_layer_zero_blocks"))
     leak = [audit.two_layer_leakage(rng, l, v) for l, v in (("ortho", "pairwise"), ("aux", "switch"))]
     leaks = leak[0]["layer1_router"] > 0 and leak[1]["layer1_experts"] > 0
-    rows.append(Verdict("G.cross_layer", "The same separation across layers (the paper states it per layer, 'for "
-                        "any given MoE layer')", "SCOPE" if leaks and zero else "CONFIRMED",
+    rows.append(Verdict("G.cross_layer", "The same separation across layers (the paper states it per layer, Sec. "
+                        "2.1: 'for any given MoE layer')", "SCOPE" if leaks and zero else "CONFIRMED",
                         f"two residual layers (refmoe.stack): layer-2 L_o reaches layer-1 router (max "
                         f"{leak[0]['layer1_router']:.2e}); layer-2 L_aux reaches layer-1 experts (max "
                         f"{leak[1]['layer1_experts']:.2e}); FD rel. error {max(r['fd_error'] for r in leak):.0e}. "
