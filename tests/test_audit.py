@@ -19,6 +19,7 @@ def test_eq9_ratio():
         assert r["ratio_min"] == pytest.approx((N - 1) / N, abs=1e-12)
         assert r["ratio_max"] == pytest.approx((N - 1) / N, abs=1e-12)
         assert r["fd_error_paper"] > 0.3 / N                        # off by the factor (N-1)/N
+        assert r["plain_error_paper"] == pytest.approx(1 / N, abs=1e-9)    # plain: exactly 1/N
 
 
 @pytest.mark.parametrize("K", [2, 3, 4])
@@ -26,6 +27,7 @@ def test_eq8_discrepancy(K):
     r = audit.audit_eq8(np.random.default_rng(K), N=5, K=K, D=4)
     assert r["fd_error_exact"] < FD_TOL                             # measured ~1e-10
     assert r["fd_error_paper"] > 0.3                                # measured 0.6-0.7
+    assert r["plain_error_paper"] > 0.5                             # measured 0.7-0.9
     assert r["cosine"] < 0.99                                       # not parallel to the true gradient (0.7-0.9)
     assert r["best_scale"] < 0.6                                    # far from 1 (and not a fixed 1/2): 0.2-0.3
 
@@ -58,7 +60,7 @@ def test_within_layer_zero_blocks(backend):
 @pytest.mark.parametrize("loss,variant", [("ortho", "pairwise"), ("aux", "switch"), ("var", "row_topk")])
 def test_cross_layer_leakage(loss, variant):
     r = audit.two_layer_leakage(np.random.default_rng(11), loss, variant)
-    assert r["fd_error"] < FD_TOL, r                                # measured ~1e-9
+    assert r["fd_error"] < FD_TOL, r                                # measured 1e-9 to 3e-8
     assert r["layer1_router"] > 1e-4 and r["layer1_experts"] > 1e-4, r
 
 
@@ -90,6 +92,11 @@ def test_eq24_identical_experts():
         assert 0.3 < r[(True, s)]["task_router"] / s < 10
     assert r[(False, 0.0)]["task_router"] > 0.05                    # raw gates: no limit (measured 0.18)
     assert r[(False, 0.0)]["eq24_miss"] > 0.1                       # measured 0.84
+    assert r[(True, 1e-3)]["eq24_miss"] < 0.05                      # alpha = 1: 0.8% at spread 1e-3
+    p = audit.audit_eq24(np.random.default_rng(0), alpha=1e-3)      # the paper's alpha
+    assert p[(True, 0.0)]["eq24_miss"] < 1e-12                      # the limit itself still holds
+    assert p[(True, 1e-3)]["eq24_miss"] > 0.9                       # but at spread 1e-3 it misses ~100%
+    assert p[(False, 0.0)]["eq24_miss"] > 0.9
 
 
 def test_eq27_28():
@@ -104,3 +111,22 @@ def test_eq33_terms():
     assert r["gamma=0"] < 1e-12                                     # task and L_aux terms exact (5e-17)
     assert r["gamma=1,exact_v"] < 1e-12                             # exact L_v term restores it
     assert r["gamma=1"] > 1e-4                                      # the (N-1)/N factor: measured 0.008
+
+
+# ----------------------------------------------------------------------------------------------
+# the arithmetic of Table 1's headlines, from the table's own numbers
+# ----------------------------------------------------------------------------------------------
+
+def test_table1_headlines():
+    from refmoe.theory import table1
+
+    t = table1.load()
+    assert set(t["methods"]) == {"aux", "loss_free", "gshard", "st_moe", "ours"} and len(t["benchmarks"]) == 11
+    assert all(a.shape == (3, 11) for a in t["methods"].values())
+    h = table1.headline_numbers()
+    assert h["cells"] == 33
+    assert round(100 * h["mean_gain"], 2) == 23.79                  # the mean, as Sec. 1 says
+    assert h["max_gain"] == pytest.approx(1.2293, abs=1e-4)         # the abstract's "up to" is the mean, not this
+    assert h["wins"] == 29                                          # 87.88% > 85%, but not 92.42%
+    assert (h["pairwise_wins"], h["pairs"]) == (126, 132)           # 95.45%
+    assert h["max_margin_points"] == pytest.approx(6.62, abs=1e-9)  # "nearly 7%": points

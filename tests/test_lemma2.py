@@ -14,6 +14,11 @@ def test_printed_statement_false():
     assert len(ce["A"]) == len(ce["B"])                            # the hypothesis holds
     assert ce["intersection"] == ce["A"] and ce["literal_false"]   # A n B = {} fails
     assert ce["union_size"] == 1 and ce["split_impossible"]       # no equal disjoint split of A u B
+    rows = lemma2.printed_statement_scan(max_size=4, universe=6)   # an equal split iff |A n B| is even
+    assert len(rows) == 887
+    assert all(r["split"] == (r["inter"] % 2 == 0) for r in rows)
+    assert all(r["union"] == 2 * r["size"] - r["inter"] for r in rows)
+    assert any(not r["split"] for r in rows) and any(r["split"] and r["inter"] > 0 for r in rows)
 
 
 def test_intended_claim():
@@ -72,3 +77,8 @@ def test_odd_cycle_tradeoff():
     assert t["balanced_maxvio"] == 0.0 and t["rerouted_maxvio"] == pytest.approx(0.5)
     assert t["balanced_min_ortho"] == pytest.approx(10 * np.sin(np.pi / 10) ** 2, abs=1e-6)
     assert t["rerouted_min_ortho"] < 1e-8
+    # the bound needs token-independent directions: linear experts theta_j x_i on distinct tokens reach 0
+    lin = lemma2.tradeoff_linear_experts(np.random.default_rng(0))
+    assert lin["maxvio"] == 0.0
+    assert lin["optimised_cos2"] < 1e-8                                    # measured 2e-14 (BFGS)
+    assert lin["constructed_ortho"] < 1e-20 and lin["constructed_min_norm"] > 0.99   # exact up to rounding

@@ -1,14 +1,22 @@
 r"""Audit of the gradient formulas the paper states, against exact gradients (hand-derived and finite differences).
 
-Dimension letters: N tokens, D model width, H expert hidden width, E experts (the paper's n), K top-k.
+Dimension letters: N tokens, D model width, H expert hidden width, O expert output width (``paper_model``),
+E experts (the paper's n), K top-k.
 
 What is audited (``theory/gradient-audit.md`` quotes each equation and gives the verdicts):
     L_v   Eqs. 9, 10, 33   paper: -2(N-1)/(nN) (s_ij - sbar_j);  exact: -(2/n)(s_ij - sbar_j)
     L_o   Eqs. 8, 28       paper: sum_{k!=j} x_k x_k^T x_j / (|x_k|^2 + eps); exact: ``ortho_loss_backward``
     Eqs. 3 = 20, 4 = 23, 24, 27, 28, 33/34 on the paper's own model (linear experts, ``paper_model``)
-    "disjoint parameters": the within-layer Jacobian blocks (aux, var) -> experts and ortho -> router are exactly
-    zero; every loss reaches x, so in a two-layer stack each reaches every parameter of the layer below.
+    Sec. 3.2's separation ("L_aux and L_v do not directly contribute gradients to the expert parameter matrix",
+    "L_o does not affect the gradient with respect to routing parameters"), stated per layer: the within-layer
+    Jacobian blocks (aux, var) -> experts and ortho -> router are exactly zero; every loss reaches x, so in a
+    two-layer stack each reaches every parameter of the layer below.
 All finite differences are float64 central differences with a top-k guard (``refmoe.gradcheck``).
+
+Two error measures, both max-norm:
+    ``rel_error(a, b)``  = max|a - b| / (max|a| + max|b|)   (``refmoe.gradcheck``; used against FD, where a ~ b;
+                          for a = c b it is |c - 1| / (|c| + 1), about half the plain measure)
+    ``plain_error(a, b)`` = max|a - b| / max|b|, b the exact gradient  (used for a printed formula vs the truth)
 """
 from __future__ import annotations
 
@@ -19,6 +27,9 @@ from ..config import MoEConfig
 from ..gradcheck import numerical_vjp, rel_error
 from ..gradcheck import cache_loss
 from ..layer import init_params, moe_backward, moe_forward
+from ..metrics import safe_cosine
+from ..objective import Objective
+from ..stack import stack_forward_backward, upstream_term_grads
 from ..losses.ortho import ortho_loss_backward, ortho_loss_forward, paper_eq8_gradient
 from ..losses.variance import paper_eq9_gradient
 from ..ops import softmax_forward, topk_indices, topk_scores_forward
@@ -31,9 +42,10 @@ EXPERT_KEYS = ("w_gate", "w_up", "w_down")
 # Eq. 9/10 (L_v) and Eq. 8 (L_o) on random instances
 # ----------------------------------------------------------------------------------------------
 
-def _cos(a, b) -> float:
-    a, b = np.ravel(a), np.ravel(b)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+def plain_error(a, exact) -> float:
+    """max|a - exact| / max|exact|: the plain relative error of a printed formula against the exact gradient."""
+    a, exact = np.asarray(a, dtype=np.float64), np.asarray(exact, dtype=np.float64)
+    return float(np.abs(a - exact).max() / np.abs(exact).max())
 
 
 def _random_S(rng, N, E, K):
@@ -59,7 +71,8 @@ def audit_eq9(rng, N: int = 7, E: int = 5, K: int = 2) -> dict:
     mask = np.abs(exact) > 1e-12
     ratio = paper[mask] / exact[mask]
     return dict(N=N, E=E, fd_error_exact=rel_error(exact, fd), fd_error_paper=rel_error(paper, fd),
-                ratio_min=float(ratio.min()), ratio_max=float(ratio.max()), expected_ratio=(N - 1) / N)
+                plain_error_paper=plain_error(paper, exact), ratio_min=float(ratio.min()),
+                ratio_max=float(ratio.max()), expected_ratio=(N - 1) / N)
 
 
 def audit_eq8(rng, N: int = 5, K: int = 3, D: int = 4) -> dict:
@@ -69,10 +82,10 @@ def audit_eq8(rng, N: int = 5, K: int = 3, D: int = 4) -> dict:
     exact = ortho_loss_backward(1.0, cache)
     fd = numerical_vjp(lambda inp: ortho_loss_forward(inp["A"], "pairwise", eps=0.0)[0], {"A": A.copy()})["A"]
     paper = paper_eq8_gradient(A, eps=0.0)
-    cos = _cos(paper, exact)
+    cos = safe_cosine(np.ravel(paper), np.ravel(exact))
     scale = float((paper * exact).sum() / (exact * exact).sum())       # least-squares factor paper ~ c * exact
     return dict(fd_error_exact=rel_error(exact, fd), fd_error_paper=rel_error(paper, fd),
-                cosine=cos, best_scale=scale)
+                plain_error_paper=plain_error(paper, exact), cosine=cos, best_scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,24 +145,32 @@ def fd_check_layer(rng, loss: str, variant: str, names=("w_router", "w_gate", "x
 
 
 # ----------------------------------------------------------------------------------------------
-# two layers: y1 = layer1(x), loss on layer2(y1); what reaches layer 1
+# two residual layers (``refmoe.stack``): what a loss of layer 2 sends to layer 1
 # ----------------------------------------------------------------------------------------------
 
 def two_layer_leakage(rng, loss: str, variant: str) -> dict:
-    """max |grad| on layer 1's router and experts of a loss of layer 2, and an FD check of them."""
+    """max |grad| on layer 1's router and experts of one loss of layer 2 alone, and an FD check of them.
+
+    h_1 = x + MoE_1(x), layer 2 reads h_1; the gradients are ``refmoe.stack.upstream_term_grads`` (layer 2's
+    term alone, coefficient 1, carried to layer 1 through h_1)."""
     x, p1, cfg = layer_instance(rng)
     p2 = init_params(cfg, rng, backend="numpy")
-    y1, c1 = moe_forward(x, p1, cfg)
-    g2 = loss_grads(y1, p2, cfg, loss, variant)
-    g1 = moe_backward(g2["x"], c1)                                   # dy of layer 1 = dx of layer 2
+    field = {"aux": "aux_variant", "ortho": "ortho_variant", "var": "var_variant"}[loss]
+    obj = Objective(alpha=1.0, beta=1.0, gamma=1.0, **{field: variant})
+    stack = stack_forward_backward(x, [p1, p2], cfg, np.zeros_like(x), obj, per_term=True)
+    g1 = upstream_term_grads(stack, top=1, below=0)[loss]
+
+    def h1(inp):
+        y, c = moe_forward(x, {k: inp[k] for k in p1}, cfg)
+        return x + y, c
 
     def f(inp):
-        y, _ = moe_forward(x, {k: inp[k] for k in p1}, cfg)
-        return loss_value(y, p2, cfg, loss, variant)
+        _, c2 = moe_forward(h1(inp)[0], p2, cfg)
+        return float(cache_loss(loss, variant)(c2)[0])
 
     def guard(inp):
-        y, c = moe_forward(x, {k: inp[k] for k in p1}, cfg)
-        _, c2 = moe_forward(y, p2, cfg)
+        h, c = h1(inp)
+        _, c2 = moe_forward(h, p2, cfg)
         return np.concatenate([c.topk_idx, c2.topk_idx])
 
     fd = numerical_vjp(f, dict(p1), names=["w_router", "w_down"], guard=guard)
@@ -214,7 +235,7 @@ def audit_eq20_23(rng, K: int = 2) -> dict:
     for task in ("sum", "sq"):
         c, g = _exact(p, K, pm.Weights(), task=task)
         r[f"eq20_{task}"] = rel_error(pm.eq20_expert(c), g["theta"][:, 0, :])
-        r[f"eq20_cos_{task}"] = _cos(pm.eq20_expert(c), g["theta"][:, 0, :])
+        r[f"eq20_cos_{task}"] = safe_cosine(np.ravel(pm.eq20_expert(c)), np.ravel(g["theta"][:, 0, :]))
         c, g = _exact(p, K, pm.Weights(alpha=1.0), task=task)
         r[f"eq23_{task}"] = rel_error(pm.eq23_router(c, 1.0), g["w_router"])
     c, g1 = _exact(p, K, pm.Weights(alpha=1.0))
@@ -224,9 +245,10 @@ def audit_eq20_23(rng, K: int = 2) -> dict:
     return r
 
 
-def audit_eq24(rng, K: int = 2, spreads=(0.0, 1e-3, 1e-2, 1e-1)) -> dict:
+def audit_eq24(rng, K: int = 2, spreads=(0.0, 1e-3, 1e-2, 1e-1), alpha: float = 1.0) -> dict:
     """Eq. 24: as the experts become alike, dL/dtheta_R -> alpha dL_aux/dtheta_R. Experts theta_bar +
-    spread * Delta_j; per spread and gating: max |dL_h/dW_r| and the relative miss of Eq. 24 on the total."""
+    spread * Delta_j; per spread and gating: max |dL_h/dW_r| and the relative miss of Eq. 24 on the total,
+    ||total - Eq. 24||_F / ||total||_F, at L_aux weight ``alpha`` (the paper trains with alpha = 1e-3)."""
     p = pm.instance(rng)
     bar = p["theta"].mean(axis=0)
     out = {}
@@ -234,8 +256,8 @@ def audit_eq24(rng, K: int = 2, spreads=(0.0, 1e-3, 1e-2, 1e-1)) -> dict:
         for s in spreads:
             q = dict(p, theta=bar[None] + s * (p["theta"] - bar))
             _, gh = _exact(q, K, pm.Weights(), renorm=renorm)
-            c, gt = _exact(q, K, pm.Weights(alpha=1.0), renorm=renorm)
-            miss = np.linalg.norm(gt["w_router"] - pm.eq24_router(c, 1.0)) / np.linalg.norm(gt["w_router"])
+            c, gt = _exact(q, K, pm.Weights(alpha=alpha), renorm=renorm)
+            miss = np.linalg.norm(gt["w_router"] - pm.eq24_router(c, alpha)) / np.linalg.norm(gt["w_router"])
             out[(renorm, s)] = dict(task_router=float(np.abs(gh["w_router"]).max()), eq24_miss=float(miss))
     return out
 
@@ -255,7 +277,8 @@ def audit_eq27_28(rng, K: int = 3) -> dict:
     lo_paper = pm.eq28_expert(c, 1.0) - pm.eq28_expert(c, 0.0)
     return dict(eq27=rel_error(pm.eq27_expert(c, 1.0), fd1), eq28_task=rel_error(pm.eq28_expert(c, 0.0), fd0),
                 eq28=rel_error(pm.eq28_expert(c, 1.0), fd1),
-                eq28_ortho=rel_error(lo_paper, fd1 - fd0), eq28_ortho_cos=_cos(lo_paper, fd1 - fd0))
+                eq28_ortho=rel_error(lo_paper, fd1 - fd0),
+                eq28_ortho_cos=safe_cosine(np.ravel(lo_paper), np.ravel(fd1 - fd0)))
 
 
 def audit_eq33(rng, K: int = 2) -> dict:

@@ -14,6 +14,8 @@ Everything here is exact: entries are ``fractions.Fraction`` and the checks comp
 The space of perturbations that keep every row sum, every column sum and the support is the cycle space of
 the support graph, of dimension  Nk - (N + n) + c  (edges - vertices + components). It is zero exactly when
 the graph is a forest; then the state with those sums on that support is unique and no row can gain variance.
+This module works on one support, the round-robin one; the lemma lets one choose the support, and
+``lemma1_supports`` searches all of them (which supports have a cycle; every row gaining at exact balance).
 """
 from __future__ import annotations
 
@@ -162,6 +164,15 @@ def paper_delta_endpoint(N: int, n: int, k: int) -> Witness:
     return _construct(N, n, k, Fraction(1, k))
 
 
+def nonzero_variances(w: Witness) -> list:
+    """Per row of the state, the variance of its NON-ZERO entries (the lemma's definition), exact.
+
+    Inside (0, 1/k) this equals ``variance_gain`` (the support is kept). At the endpoint delta = 1/k a row on
+    the cycle keeps k - 1 non-zeros, 2/k and (k - 2) times 1/k: variance 0 for k = 2, 1/36 for k = 3, not the
+    2 delta^2 / k = 2/k^3 (2/27 at k = 3) that the k support entries, the new zero included, would give."""
+    return [row_variance([v for v in row if v]) for row in w.state]
+
+
 def _construct(N: int, n: int, k: int, delta: Fraction) -> Witness:
     support = balanced_support(N, n, k)
     start = [[Fraction(0)] * n for _ in range(N)]
@@ -210,85 +221,6 @@ def gale_ryser(row_degrees, col_degrees) -> bool:
     if sum(row_degrees) != sum(c):
         return False
     return all(sum(c[:t]) <= sum(min(r, t) for r in row_degrees) for t in range(1, len(c) + 1))
-
-
-def edges_on_cycles(support, n: int) -> set:
-    """(row, column) edges that lie on some cycle: removing the edge keeps its ends connected."""
-    N = len(support)
-    on = set()
-    for i, cols in enumerate(support):
-        for j in cols:
-            pruned = [[c for c in cs if (r, c) != (i, j)] for r, cs in enumerate(support)]
-            adj = {v: set() for v in range(N + n)}
-            for r, cs in enumerate(pruned):
-                for c in cs:
-                    adj[r].add(N + c)
-                    adj[N + c].add(r)
-            seen, todo = {i}, [i]
-            while todo:
-                for w in adj[todo.pop()] - seen:
-                    seen.add(w)
-                    todo.append(w)
-            if N + j in seen:
-                on.add((i, j))
-    return on
-
-
-def cycle_through(support, n: int, edge):
-    """A cycle through a given (row, column) edge (a path between its ends without it, closed), or None."""
-    N = len(support)
-    i, j = edge
-    adj = {v: [] for v in range(N + n)}
-    for r, cs in enumerate(support):
-        for c in cs:
-            if (r, c) != edge:
-                adj[r].append(N + c)
-                adj[N + c].append(r)
-    parent, todo = {N + j: None}, [N + j]
-    while todo:                                          # breadth-first from the column end to row i
-        v = todo.pop(0)
-        for w in adj[v]:
-            if w not in parent:
-                parent[w] = v
-                todo.append(w)
-    if i not in parent:
-        return None
-    path = [i]
-    while path[-1] != N + j:
-        path.append(parent[path[-1]])
-    return _as_edges(path[::-1] + [N + j], N)                  # column j ... row i, closed by (i, j)
-
-
-def witness_all_rows(N: int, n: int, k: int):
-    """Every row on a cycle gains variance at once: one cycle through each such row, weights delta / 2^t.
-
-    Returns (state, rows_gaining, rows_on_no_cycle, sums_kept) with exact Fractions. Rows none of whose edges
-    lie on a cycle (all their edges are bridges) cannot gain variance under any sum-preserving perturbation.
-    """
-    support = balanced_support(N, n, k)
-    on = edges_on_cycles(support, n)
-    state = [[Fraction(0)] * n for _ in range(N)]
-    for i, cols in enumerate(support):
-        for j in cols:
-            state[i][j] = Fraction(1, k)
-    start = [row[:] for row in state]
-    covered, t = set(), 0
-    for i, cols in enumerate(support):
-        edge = next(((i, j) for j in cols if (i, j) in on), None)
-        if edge is None or i in covered:
-            continue
-        cyc = cycle_through(support, n, edge)
-        d = Fraction(1, 4 * k) / 2 ** t
-        for s, (r, c) in enumerate(cyc):
-            state[r][c] += d if s % 2 == 0 else -d
-        covered |= {r for r, _ in cyc}
-        t += 1
-    gaining = [i for i in range(N) if row_variance([state[i][j] for j in support[i]]) > 0]
-    stuck = [i for i in range(N) if not any((i, j) in on for j in support[i])]
-    sums = ([sum(r) for r in state] == [sum(r) for r in start]
-            and all(sum(state[i][j] for i in range(N)) == sum(start[i][j] for i in range(N)) for j in range(n))
-            and all((state[i][j] > 0) == (start[i][j] > 0) for i in range(N) for j in range(n)))
-    return state, gaining, stuck, sums
 
 
 # ----------------------------------------------------------------------------------------------

@@ -138,13 +138,15 @@ def aux_minimum_not_balanced(N: int = 8, E: int = 4, tau: float = 60.0) -> dict:
 
 
 def descent_search(aux: str, var: str, rng, N: int = 8, E: int = 4, K: int = 2, steps: int = 600,
-                   lr: float = 2.0, restarts: int = 4) -> list[dict]:
+                   lr: float = 2.0, restarts: int = 4, init_scale: float = 1.0) -> list[dict]:
     """Gradient descent on the logits Z of L_aux / balanced value + L_v / |infimum| from random starts.
 
     Gradients by refmoe's backward passes (aux/var -> d_scores -> softmax backward); the top-k sets are
-    re-chosen at every step. Returns, per restart, the objective at the start and the end, the final gaps
-    (L_aux / balanced - 1, L_v / |infimum| + 1, so 0 means 'at the balanced value / at the infimum') and MaxVio.
-    Exploratory: where descent ends depends on the start; the verdicts rest on the exact constructions above.
+    re-chosen at every step; the starting logits are ``init_scale`` times standard normal. Returns, per
+    restart, the objective at the start and the end, the final gaps (L_aux / balanced - 1, L_v / |infimum| + 1,
+    so 0 means 'at the balanced value / at the infimum') and MaxVio.
+    Exploratory: where descent ends depends on the start and the step (``descent_sensitivity``); it is a finding
+    about this optimiser, not a claim of the paper.
     """
     from ..losses.aux import aux_loss_backward
     from ..losses.variance import var_loss_backward
@@ -162,7 +164,7 @@ def descent_search(aux: str, var: str, rng, N: int = 8, E: int = 4, K: int = 2, 
 
     runs = []
     for _ in range(restarts):
-        Z = rng.standard_normal((N, E))
+        Z = init_scale * rng.standard_normal((N, E))
         j0 = step(Z)[0]
         for _ in range(steps):
             Z = Z - lr * step(Z)[3]
@@ -171,3 +173,16 @@ def descent_search(aux: str, var: str, rng, N: int = 8, E: int = 4, K: int = 2, 
         runs.append(dict(start=j0, end=j1, aux_gap=la / bal - 1, var_gap=lv / inf + 1,
                          maxvio=float(loads.max() / (N * K / E) - 1)))
     return runs
+
+
+def descent_sensitivity(rng, aux: str = "switch", var: str = "code", restarts: int = 8,
+                        settings=((2.0, 1.0), (0.5, 1.0), (8.0, 1.0), (2.0, 0.1), (2.0, 3.0))) -> list[dict]:
+    """How often ``descent_search`` ends balanced (MaxVio = 0), per (learning rate, scale of the random
+    starting logits). Each setting restarts the same ``restarts`` draws of ``rng``'s state at entry."""
+    state = rng.bit_generator.state
+    out = []
+    for lr, scale in settings:
+        rng.bit_generator.state = state
+        runs = descent_search(aux, var, rng, lr=lr, restarts=restarts, init_scale=scale)
+        out.append(dict(lr=lr, init_scale=scale, runs=len(runs), balanced=sum(1 for r in runs if r["maxvio"] == 0)))
+    return out

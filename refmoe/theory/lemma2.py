@@ -15,10 +15,12 @@ Where it fails:
     experts evenly (m K >= E at the very least);
   * D < K: K non-zero vectors in R^D cannot be mutually orthogonal; for unit outputs the least per-token
     pairwise L_o is K (K - D) / D (frame potential bound of tight frames);
-  * few directions with balanced routing: E = 5 experts with fixed unit output directions in D = 2, K = 2,
-    cyclic routing (perfectly balanced) forces the odd cycle 0-1-2-3-4-0 of co-selected experts, so
-    L_o >= 10 sin^2(pi/10) = 0.955 per round; rerouting one token breaks the odd cycle and gives L_o = 0 at
-    MaxVio = 0.5. That is the trade-off, measured by ``tradeoff_odd_cycle``.
+  * few directions with balanced routing: E = 5 experts with FIXED unit output directions (the same for every
+    token) in D = 2, K = 2, cyclic routing (perfectly balanced) forces the odd cycle 0-1-2-3-4-0 of co-selected
+    experts, so L_o >= 10 sin^2(pi/10) = 0.955 per round; rerouting one token breaks the odd cycle and gives
+    L_o = 0 at MaxVio = 0.5 (``tradeoff_odd_cycle``). The bound needs token-independent directions: the
+    paper's linear experts x~_ij = theta_j x_i on 5 distinct tokens in R^2, on the same balanced sets, reach
+    L_o = 0 (``tradeoff_linear_experts``: theta_j maps x_j to e_1 and x_{j-1} to e_2).
 """
 from __future__ import annotations
 
@@ -34,6 +36,26 @@ from ..losses.ortho import ortho_loss_forward
 # ----------------------------------------------------------------------------------------------
 # the printed statement
 # ----------------------------------------------------------------------------------------------
+
+def printed_statement_scan(max_size: int = 4, universe: int = 6) -> list[dict]:
+    """Every pair of equal-size subsets A, B of {0..universe-1} up to size ``max_size``: whether A u B can be
+    split into two disjoint halves of equal size (brute force over its subsets), next to |A n B|.
+
+    |A u B| = 2|A| - |A n B|, so an equal split exists iff |A n B| is even: the statement, read as "split
+    A u B into two new disjoint halves", is false exactly when |A n B| is odd."""
+    from itertools import combinations
+
+    rows = []
+    for m in range(0, max_size + 1):
+        subsets = [frozenset(c) for c in combinations(range(universe), m)]
+        for A in subsets:
+            for B in subsets:
+                U = sorted(A | B)
+                split = any(len(H) == len(U) - len(H)                      # H and its complement in U
+                            for r in range(len(U) + 1) for H in combinations(U, r))
+                rows.append(dict(size=m, inter=len(A & B), union=len(U), split=split))
+    return rows
+
 
 def printed_statement_counterexample():
     """A = B = {(0, 0)}: equal size, A n B != {}, and |A u B| = 1 is odd, so no equal disjoint split exists."""
@@ -178,3 +200,36 @@ def identical_tokens_check(N: int = 8, E: int = 4, K: int = 2, rng=None) -> dict
     _, cache = moe_forward(x, params, cfg)
     loads = np.bincount(cache.topk_idx.reshape(-1), minlength=E)
     return dict(loads=loads.tolist(), maxvio=float(loads.max() / (N * K / E) - 1), predicted=E / K - 1)
+
+
+def _linear_outputs(theta, X, sets):
+    """A [N, K, D]: A_ik = theta_{sets[i][k]} x_i (the paper's linear experts, token-major buffer)."""
+    return np.stack([np.stack([theta[j] @ X[i] for j in s]) for i, s in enumerate(sets)])
+
+
+def _cos2_overlap(A):
+    """sum_i sum_{k != l} cos^2(A_ik, A_il): L_o with unit-normalised outputs (it cannot be lowered by shrinking)."""
+    U = A / np.linalg.norm(A, axis=-1, keepdims=True)
+    G = np.einsum("nkd,nld->nkl", U, U) ** 2
+    return float(G.sum() - np.trace(G, axis1=1, axis2=2).sum())
+
+
+def tradeoff_linear_experts(rng, restarts: int = 8) -> dict:
+    """E = 5, D = 2, K = 2, token i on the balanced set {i, i+1} mod 5, 5 distinct unit tokens in R^2, linear
+    experts theta_j [D, D]. Least normalised overlap by BFGS over theta, and an exact construction:
+    theta_j [x_j, x_{j-1}] = [e_1, e_2], so token i's outputs are theta_i x_i = e_1 and theta_{i+1} x_i = e_2."""
+    E, D = 5, 2
+    sets = [(i, (i + 1) % E) for i in range(E)]
+    ang = 2 * np.pi * np.arange(E) / E + 0.3
+    X = np.stack([np.cos(ang), np.sin(ang)], axis=1)                        # [5, 2], pairwise independent
+
+    def f(v):
+        return _cos2_overlap(_linear_outputs(v.reshape(E, D, D), X, sets))
+
+    best = min(minimize(f, rng.standard_normal(E * D * D), method="BFGS").fun for _ in range(restarts))
+    theta = np.stack([np.linalg.solve(np.stack([X[j], X[(j - 1) % E]]), np.eye(D)).T for j in range(E)])
+    A = _linear_outputs(theta, X, sets)
+    loads = np.bincount(np.array(sets).reshape(-1), minlength=E)
+    return dict(maxvio=float(loads.max() / loads.mean() - 1), optimised_cos2=best,
+                constructed_ortho=float(ortho_loss_forward(A, "pairwise", eps=0.0)[0]),
+                constructed_min_norm=float(np.linalg.norm(A, axis=-1).min()))
