@@ -27,7 +27,7 @@ from ..config import MoEConfig
 from ..gradcheck import numerical_vjp, rel_error
 from ..gradcheck import cache_loss
 from ..layer import init_params, moe_backward, moe_forward
-from ..metrics import safe_cosine
+from ..study.metrics import safe_cosine
 from ..objective import Objective
 from ..stack import stack_forward_backward, upstream_term_grads
 from ..losses.ortho import ortho_loss_backward, ortho_loss_forward, paper_eq8_gradient
