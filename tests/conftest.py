@@ -40,3 +40,21 @@ def cp():
     import cupy
 
     return cupy
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory):
+    """The default golden fixtures, written once per test session (tests copy before they tamper)."""
+    from refmoe.golden import write_golden
+
+    d = tmp_path_factory.mktemp("golden")
+    write_golden(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def lemma_rows():
+    """(verdicts, findings) of ``refmoe lemmas`` at seed 0, computed once per test session."""
+    from refmoe.theory.verdicts import all_findings, all_verdicts
+
+    return all_verdicts(0), all_findings(0)

@@ -26,3 +26,23 @@ def assert_all_below(errors: dict, tol: float = FD_TOL):
 
 def host(a):
     return to_numpy(a)
+
+
+def layer_fd_errors(cfg, params, x, loss_of_cache, grads, *, names=None, forward=None):
+    """The one "layer + loss checked by finite differences" of the suite.
+
+    Differentiates phi(x, params) = loss_of_cache(cache of forward(x, params, cfg)) by float64 central
+    differences, with every step checked to keep the routing (the top-k indices), and compares with
+    ``grads`` (the hand-derived gradients for ``names``, default: x and every parameter).
+    Returns name -> relative error (pass mark FD_TOL).
+    """
+    from refmoe import gradcheck, moe_forward
+
+    forward = moe_forward if forward is None else forward
+
+    def cache_of(inp):
+        return forward(inp["x"], {k: inp.get(k, v) for k, v in params.items()}, cfg)[1]
+
+    inputs = dict(params, x=x)
+    return gradcheck.check_vjp(lambda inp: loss_of_cache(cache_of(inp)), inputs, grads, names=names,
+                               guard=lambda inp: cache_of(inp).topk_idx)

@@ -16,13 +16,6 @@ from refmoe.gradcheck import directional_check
 from helpers import softmax_rows
 
 
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory):
-    d = tmp_path_factory.mktemp("golden")
-    write_golden(str(d))
-    return str(d)
-
-
 def _copy_dump(golden, tmp_path, cases=None):
     dump = tmp_path / "dump"
     dump.mkdir()

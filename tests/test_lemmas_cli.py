@@ -28,9 +28,18 @@ NOTES = {"L1": "theory/lemma1.md", "Aux": "theory/lemma1.md", "L2": "theory/lemm
          "G": "theory/gradient-audit.md", "T1": "theory/table1.md"}
 
 
-@pytest.fixture(scope="module")
-def verdicts():
-    return all_verdicts(0)
+@pytest.fixture
+def verdicts(lemma_rows):
+    return lemma_rows[0]
+
+
+@pytest.fixture(autouse=True)
+def computed_once(lemma_rows, monkeypatch):
+    """The command runs on the session's rows: every check is computed once per test session."""
+    import refmoe.theory.verdicts as V
+
+    monkeypatch.setattr(V, "all_verdicts", lambda seed=0: lemma_rows[0] if seed == 0 else all_verdicts(seed))
+    monkeypatch.setattr(V, "all_findings", lambda seed=0: lemma_rows[1] if seed == 0 else all_findings(seed))
 
 
 def test_every_claim_has_a_verdict(verdicts):
@@ -46,8 +55,8 @@ def test_each_verdict_names_an_existing_test_and_a_note(verdicts):
         assert f"{v.id}` | {v.verdict}" in note, f"{v.id}: the note's verdict differs from {v.verdict}"
 
 
-def test_findings_apart_and_named(verdicts):
-    findings = all_findings(0)
+def test_findings_apart_and_named(verdicts, lemma_rows):
+    findings = lemma_rows[1]
     assert {f.id for f in findings} == FINDINGS and not FINDINGS & set(EXPECTED)
     for f in findings:
         path, name = f.test.split("::")

@@ -7,7 +7,7 @@ from refmoe import MoEConfig, gradcheck, init_params, moe_backward, moe_forward
 from refmoe.losses.ortho import ORTHO_VARIANTS, ortho_loss_backward, ortho_loss_forward
 from refmoe.losses.variance import VAR_VARIANTS, var_loss_backward, var_loss_forward
 
-from helpers import assert_all_below, host, on
+from helpers import assert_all_below, host, layer_fd_errors, on
 
 CFG = MoEConfig(d_model=4, d_hidden=3, n_experts=4, top_k=2, n_shared=1)
 N = 6
@@ -29,14 +29,7 @@ def _setup(xp, backend, seed=7, margin=2e-3):
 
 
 def _fd_errors(params, x, loss_of_cache, grads):
-    inputs = dict(params, x=x)
-
-    def forward(inp):
-        p = {k: v for k, v in inp.items() if k != "x"}
-        return moe_forward(inp["x"], p, CFG)[1]
-
-    return gradcheck.check_vjp(lambda inp: loss_of_cache(forward(inp)), inputs, grads,
-                               guard=lambda inp: forward(inp).topk_idx)
+    return layer_fd_errors(CFG, params, x, loss_of_cache, grads)
 
 
 @pytest.mark.parametrize("variant", ORTHO_VARIANTS)

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is the oracle here: pip install refmoe[oracle]")
 
-from refmoe.golden import check_dump, load_manifest, write_golden  # noqa: E402
+from refmoe.golden import check_dump, load_manifest  # noqa: E402
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "torch_reference.py")
 
@@ -18,13 +18,6 @@ def reference():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory):
-    d = tmp_path_factory.mktemp("golden")
-    write_golden(str(d))
-    return str(d)
 
 
 def test_torch_reference_passes_every_case(reference, golden, tmp_path):
