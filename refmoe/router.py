@@ -172,6 +172,34 @@ def gate_weights_backward(d_gates, cache: GateCache):
     return ops.gather_backward(d_sel, cache.gather)                          # [N, E]
 
 
+class TopkSoftmaxCache(NamedTuple):
+    w: object                       # [N, K]  softmax of the selected logits, before the scale
+    scale: float
+    gather: ops.GatherCache
+
+
+def topk_softmax_gates_forward(logits, topk_idx, *, scale: float = 1.0):
+    r"""Gates g [N, K] as Megatron's default softmax path has them: a softmax over the K selected LOGITS.
+
+    .. math:: g_{ik} = \text{scale}\cdot e^{z_{i,T_{ik}}} / \textstyle\sum_l e^{z_{i,T_{il}}}
+
+    Equal to ``gate_weights_forward(softmax(z), T, renorm="always", scale=scale)`` up to rounding (the full
+    softmax's denominator cancels). logits [N, E], topk_idx [N, K] -> (g [N, K], TopkSoftmaxCache).
+    Numerics: max-shifted over the K selected logits.
+    """
+    sel, gather = ops.gather_forward(logits, topk_idx)                     # [N, K]
+    w, _ = ops.softmax_forward(sel)                                        # [N, K]
+    gates = w * scale if scale != 1.0 else w                               # [N, K]
+    return gates, TopkSoftmaxCache(w, scale, gather)
+
+
+def topk_softmax_gates_backward(d_gates, cache: TopkSoftmaxCache):
+    r"""d_logits [N, E] from d_gates [N, K]: dz_{i,T_{ik}} = w_{ik}(dw_{ik} - \sum_l dw_{il} w_{il}), dw = scale dg;
+    zero off the selected experts."""
+    dw = d_gates * cache.scale if cache.scale != 1.0 else d_gates           # [N, K]
+    return ops.gather_backward(ops.softmax_backward(dw, cache.w), cache.gather)   # [N, E]
+
+
 # ----------------------------------------------------------------------------------------------
 # the layer's router: the three pieces in order
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +232,7 @@ class RoutingCache(NamedTuple):
     topk_idx: object        # [N, K]  int64
     gates: object           # [N, K]
     score: ScoreCache
-    gate: GateCache
+    gate: GateCache | TopkSoftmaxCache
 
 
 def routing_forward(logits, top_k: int, *, score_function: str = "softmax", select_on: str = "logits",
@@ -221,7 +249,9 @@ def routing_forward(logits, top_k: int, *, score_function: str = "softmax", sele
                  ``e_score_correction_bias``, Megatron ``expert_bias``, both on sigmoid scores, select_on="scores");
                  it never enters the gates and has no gradient here
     n_group, topk_group, group_score   group-limited selection (:func:`refmoe.router_select.select_group_limited`)
-    renorm, scale, eps                 the gates (:func:`gate_weights_forward`)
+    renorm, scale, eps                 the gates (:func:`gate_weights_forward`); renorm="topk_softmax" takes
+                                       them from the logits instead (:func:`topk_softmax_gates_forward`,
+                                       Megatron's default; softmax scoring, eps = 0)
     """
     if select_on not in ("logits", "scores"):
         raise ValueError(f"select_on={select_on!r}; expected 'logits' or 'scores'")
@@ -237,13 +267,24 @@ def routing_forward(logits, top_k: int, *, score_function: str = "softmax", sele
     else:
         topk_idx = select_group_limited(choice, top_k, n_group=n_group, topk_group=topk_group,
                                         group_score=group_score)            # [N, K]
-    gates, gate = gate_weights_forward(scores, topk_idx, renorm=renorm, scale=scale, eps=eps)   # [N, K]
+    if renorm == "topk_softmax":
+        if score_function != "softmax" or eps != 0:
+            raise ValueError(f"renorm='topk_softmax' needs score_function='softmax' and eps=0, got "
+                             f"score_function={score_function!r}, eps={eps}")
+        gates, gate = topk_softmax_gates_forward(logits, topk_idx, scale=scale)                  # [N, K]
+    else:
+        gates, gate = gate_weights_forward(scores, topk_idx, renorm=renorm, scale=scale, eps=eps)   # [N, K]
     return (topk_idx, gates), RoutingCache(logits, scores, choice, topk_idx, gates, score, gate)
 
 
 def routing_backward(d_gates, cache: RoutingCache, d_scores=None):
     """d_logits [N, E] from d_gates [N, K] and an optional injected d_scores [N, E] (the bias and the selection
     have zero gradient)."""
+    if isinstance(cache.gate, TopkSoftmaxCache):                                     # gates read the logits
+        d_logits_gates = topk_softmax_gates_backward(d_gates, cache.gate)            # [N, E]
+        if d_scores is None:
+            return d_logits_gates
+        return d_logits_gates + score_backward(d_scores, cache.score)                # fan-in of the logits
     d_scores_gates = gate_weights_backward(d_gates, cache.gate)                      # [N, E]
     d_scores = d_scores_gates if d_scores is None else d_scores_gates + d_scores     # fan-in of the scores
     return score_backward(d_scores, cache.score)                                     # [N, E]

@@ -185,6 +185,7 @@ ROUTINGS = {
                                 eps=1e-20, scale=3.0),
     "megatron_groups":  dict(top_k=4, n_group=4, topk_group=2, group_score="topm_sum", scale=2.0),
     "deepseek_moegate_k1": dict(top_k=1, select_on="scores", renorm="k_gt_1", eps=1e-20),
+    "megatron_default": dict(top_k=3, renorm="topk_softmax", scale=2.0),
 }
 
 
@@ -219,6 +220,16 @@ def test_router_through_linear(xp, rng):
     f = lambda a: routing_forward(ops.linear_forward(a["x"], a["w"])[0], 2, **kw)[0][1]
     guard = lambda a: routing_forward(ops.linear_forward(a["x"], a["w"])[0], 2, **kw)[0][0]
     assert_all_below(gc.check_vjp(f, {"x": x, "w": w}, {"x": dx, "w": dw}, dg, guard=guard))  # measured 4e-10
+
+
+def test_topk_softmax_gates_equal_renormalised_softmax(xp, rng):
+    z = on(xp, 3 * rng.standard_normal((6, 8)))
+    (idx, g), _ = routing_forward(z, 3, renorm="topk_softmax", scale=2.0)
+    (idx2, g2), _ = routing_forward(z, 3, renorm="always", scale=2.0)
+    assert (host(idx) == host(idx2)).all()
+    assert np.allclose(host(g), host(g2), rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="renorm='topk_softmax' needs score_function='softmax'"):
+        routing_forward(z, 3, renorm="topk_softmax", score_function="sigmoid")
 
 
 def test_layer_router_unchanged_by_logit_ranking(xp, rng):
