@@ -33,6 +33,23 @@ def check_top_k(top_k: int, n_experts: int) -> None:
         raise ValueError(f"top_k={top_k}: need 1 <= top_k <= n_experts={n_experts}")
 
 
+def select_topk_biased(scores, bias, top_k: int):
+    r"""topk_idx [N, K] int64: the top-k of scores + bias, the bias used for the choice only.
+
+    .. math:: T_i = \text{top-k}_j (P_{ij} + b_j)
+
+    scores [N, E] (DeepSeek-V3 and Megatron: sigmoid scores), bias [E] (``e_score_correction_bias`` /
+    ``expert_bias``). The gates are then read from the unbiased scores (:func:`refmoe.router.gate_weights_forward`),
+    so the bias has no gradient. Ties: the lower expert index. With groups, pass scores + bias to
+    :func:`select_group_limited`.
+    """
+    array_namespace(scores, bias)
+    check_top_k(top_k, scores.shape[-1])
+    if tuple(bias.shape) != (scores.shape[-1],):
+        raise ValueError(f"bias must have shape ({scores.shape[-1]},), got {tuple(bias.shape)}")
+    return ops.topk_indices(scores + bias, top_k)                       # [N, K]
+
+
 def check_groups(n_experts: int, top_k: int, n_group: int, topk_group: int, group_score: str) -> int:
     """Validate a group-limited configuration; returns m, the number of values a group score sums."""
     check_top_k(top_k, n_experts)
