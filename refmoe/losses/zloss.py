@@ -1,0 +1,51 @@
+r"""The router z-loss (ST-MoE; Megatron ``z_loss_func``; OLMoE's training code), a forward/backward pair.
+
+Dimension letters: N tokens, E routed experts.
+
+.. math::
+
+    \ell_t = \log \textstyle\sum_j e^{z_{tj}}, \qquad
+    L_z = \frac{1}{\sum_t v_t} \sum_t v_t\, \ell_t^2, \qquad
+    \frac{\partial L_z}{\partial z_{tj}} = \frac{2\, v_t\, \ell_t}{\sum_s v_s}\, \mathrm{softmax}(z_t)_j
+
+with v_t = 1 for a real token and 0 for padding (all ones without a mask: the plain mean over tokens). It reads
+the router LOGITS [N, E], not the scores. The coefficient (``moe_z_loss_coeff``, ST-MoE 1e-3) multiplies it
+outside; Megatron also divides by the tensor x context parallel size. docs/spec.md section 7.7.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .. import ops
+from ..checks import check_float_array, check_mask, mask_weights
+
+
+class ZLossCache(NamedTuple):
+    lse: object         # [N]     logsumexp of each row
+    probs: object       # [N, E]  softmax(z)
+    valid: object       # [N]     1 real token, 0 padding
+    n_valid: object     # 0-d     sum of valid
+
+
+def zloss_forward(logits, valid_mask=None):
+    """L_z from logits [N, E]; valid_mask optional [N] bool (True = real token).
+
+    Returns (loss, ZLossCache); loss is a 0-d array on the logits' backend and dtype.
+    Numerics: logsumexp max-shifted, lse = m + log sum exp(z - m).
+    """
+    xp = check_float_array(logits, "logits", "[N, E]")
+    N = logits.shape[0]
+    mask = check_mask(valid_mask, N, xp)
+    valid = mask_weights(mask, N, logits.dtype, xp)                  # [N]
+    m = logits.max(axis=1, keepdims=True)                            # [N, 1]
+    probs, _ = ops.softmax_forward(logits)                           # [N, E]
+    lse = (m + xp.log(xp.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]   # [N]
+    n_valid = valid.sum()
+    loss = (valid * lse * lse).sum() / n_valid
+    return loss, ZLossCache(lse, probs, valid, n_valid)
+
+
+def zloss_backward(dloss, cache: ZLossCache):
+    r"""d_logits [N, E] = dloss * 2 v_t \ell_t softmax(z_t) / \sum_s v_s."""
+    coef = (2 * dloss) * cache.valid * cache.lse / cache.n_valid      # [N]
+    return coef[:, None] * cache.probs                                # [N, E]
