@@ -146,9 +146,9 @@ def load_manifest(directory) -> dict:
     if trust.entry_state(path, MANIFEST) == "missing":
         raise GoldenFormatError(f"{directory}: no {MANIFEST}; is this a directory written by `refmoe golden write`?")
     with trust.open_regular(path, MANIFEST) as f:
-        data = f.read(MAX_MANIFEST_BYTES + 1)
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise GoldenFormatError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a golden manifest")
+        if os.fstat(f.fileno()).st_size > MAX_MANIFEST_BYTES:
+            raise GoldenFormatError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a golden manifest")
+        data = f.read()
     try:
         manifest = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:       # JSONDecodeError, bad UTF-8, nesting too deep
