@@ -284,6 +284,8 @@ MALFORMED = {
     "key shape nested": lambda m: m["cases"]["base"]["keys"]["inter/y"].__setitem__("shape", [[8], 6]),
     "key shape negative": lambda m: m["cases"]["base"]["keys"]["inter/y"].__setitem__("shape", [-8, 6]),
     "key dtype object": lambda m: m["cases"]["base"]["keys"]["inter/y"].__setitem__("dtype", "object"),
+    "key dtype a list": lambda m: m["cases"]["base"]["keys"]["inter/y"].__setitem__("dtype", ["float64"]),
+    "keys declare 48 GiB": lambda m: m["cases"]["base"]["keys"]["inter/y"].__setitem__("shape", [2 ** 30, 6]),
     "key outside groups": lambda m: m["cases"]["base"]["keys"].__setitem__("../y", {"shape": [], "dtype": "bool"}),
     "field missing": lambda m: m["cases"]["base"].pop("sha256"),
     "cases a list": lambda m: m.__setitem__("cases", [1]),
@@ -447,10 +449,13 @@ def test_odd_dump_members_are_refused(golden, tmp_path, capsys, spoil):
 
 def test_a_fixture_whose_headers_disagree_with_the_manifest_is_refused(golden):
     m = _manifest(golden)
-    m["cases"]["base"]["keys"]["inter/y"]["shape"] = [2 ** 30, 6]        # the manifest asks for 48 GiB
+    m["cases"]["base"]["keys"]["inter/y"]["shape"] = [2 ** 20, 6]        # the manifest asks for 48 MiB
     _set_manifest(golden, m)
-    with pytest.raises(GoldenFormatError, match=r"inter/y has shape \(8, 6\), expected \(1073741824, 6\)"):
+    with pytest.raises(GoldenFormatError, match=r"inter/y has shape \(8, 6\), expected \(1048576, 6\)"):
         load_case(str(golden), "base")
+    m["cases"]["base"]["keys"]["inter/y"]["shape"] = [2 ** 30, 6]        # 48 GiB: refused from the manifest
+    with pytest.raises(GoldenFormatError, match="declare .* bytes of arrays"):
+        load_case(str(golden), "base", m)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -135,9 +135,9 @@ class NpzArchive:
     declared uncompressed size exceeds what its header's shape needs (a decompression bomb).
     """
 
-    def __init__(self, path, what: str):
+    def __init__(self, path, what: str, fileobj=None):
         self.path, self.what = os.fspath(path), what
-        self.file = open_regular(path, what)
+        self.file = open_regular(path, what) if fileobj is None else fileobj   # fileobj: bytes already read
         try:
             self.zip = zipfile.ZipFile(self.file)
             self.members = self._members()
