@@ -195,7 +195,8 @@ class NpzArchive:
                 _read_header(f)
                 data = f.read(nbytes)
         except Exception as exc:  # a bad CRC, a truncated deflate stream ...
-            raise GoldenFormatError(f"{self.path}: array {key!r} cannot be read ({type(exc).__name__}: {exc})") from None
+            raise GoldenFormatError(
+                f"{self.path}: array {key!r} cannot be read ({type(exc).__name__}: {exc})") from None
         if len(data) != nbytes:
             raise GoldenFormatError(f"{self.path}: array {key!r} is truncated ({len(data)} of {nbytes} bytes)")
         flat = np.frombuffer(bytearray(data), dtype=m.dtype)            # a writable copy
