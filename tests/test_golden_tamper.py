@@ -499,3 +499,18 @@ def test_torch_example_writes_case_npz_in_its_dump_dir_only(golden, tmp_path):
     with pytest.raises(ValueError, match="symlink"):
         module.run(str(golden), str(dump), ["base"])
     assert not (tmp_path / "elsewhere.npz").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# bad arguments: one line, exit 2
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["check", "d"], ["nope"], ["check", "a", "b", "--rtol"], ["write"],
+                                  ["check", "--bogus", "a", "b"], ["list", "x"], []])
+def test_bad_arguments_are_one_line_and_exit_2(capsys, argv):
+    try:
+        code = main(["golden", *argv])
+    except SystemExit as exc:                         # argparse's errors, raised by the golden parsers
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("refmoe golden: error: "), err

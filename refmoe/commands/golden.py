@@ -1,13 +1,28 @@
 """refmoe golden: write golden fixtures, or check another implementation's dump against them."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 HELP = "write golden fixtures (refmoe golden write DIR) or check a dump against them (refmoe golden check DIR DUMP)"
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line, ``refmoe golden: error: ...``, and exit code 2 (no usage block)."""
+
+    def error(self, message):
+        raise SystemExit(_error(message))
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra:                                 # else the top-level parser reports them with its usage
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace, extra
+
+
 def add_arguments(parser):
-    sub = parser.add_subparsers(dest="golden_command", metavar="ACTION")
+    parser.error = _OneLineParser.error.__get__(parser)     # `refmoe golden nope` too
+    sub = parser.add_subparsers(dest="golden_command", metavar="ACTION", parser_class=_OneLineParser)
     w = sub.add_parser("write", help="compute the golden cases and write DIR/<case>.npz and DIR/manifest.json")
     w.add_argument("directory", metavar="DIR")
     w.add_argument("--case", action="append", default=None, metavar="NAME",
@@ -54,8 +69,7 @@ def run(args) -> int:
     except OSError as exc:                                   # an unwritable or unreadable path
         where = f"{exc.filename}: " if exc.filename else ""
         return _error(f"{where}{exc.strerror or exc}")
-    print("usage: refmoe golden {write,check,list} ... (see refmoe golden --help)", file=sys.stderr)
-    return 2
+    return _error("no action given; usage: refmoe golden {write,check,list} ... (see refmoe golden --help)")
 
 
 def _number(text: str):
