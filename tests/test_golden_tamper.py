@@ -198,6 +198,7 @@ def test_read_refuses_symlinks(golden, tmp_path, outside, capsys):
 
     trials = [(golden / "base.npz", outside / "base.npz"), (golden / "manifest.json", outside / "manifest.json"),
               (dump / "base.npz", outside / "dump" / "base.npz"), (golden, outside), (dump, outside / "dump")]
+    opened = []
     for path, target in trials:
         undo = planted(path, target)
         with touched() as seen:
@@ -207,6 +208,8 @@ def test_read_refuses_symlinks(golden, tmp_path, outside, capsys):
         undo()
         assert code == 2 and "symlink" in err, (path, err)
         _assert_stays_inside(seen, tmp_path, outside)
+        opened += seen
+    assert os.path.realpath(golden / "manifest.json") in opened              # the audit hook does see opens
     assert _snapshot(outside) == before
     assert _cli(capsys, "check", golden, dump)[0] == 0                  # restored: it passes again
 
