@@ -314,6 +314,15 @@ def test_unparsable_manifest_is_one_line_and_exit_2(golden, tmp_path, capsys, te
     assert code == 2
 
 
+@pytest.mark.parametrize("field", ["file", "sha256", "tolerance", "dtype"])
+def test_a_huge_or_deep_field_gives_a_short_line(golden, tmp_path, capsys, field):
+    m = _manifest(golden)
+    m["cases"]["base"][field] = "x" * 1_000_000 if field != "tolerance" else {"rtol": [[[[[[[[0]]]]]]]] * 10 ** 5}
+    _set_manifest(golden, m)
+    code, err = _cli(capsys, "check", golden, _dump(golden, tmp_path))
+    assert code == 2 and len(err) < 600
+
+
 def test_nan_tolerance_in_the_manifest_is_refused(golden, tmp_path, capsys):
     text = (golden / "manifest.json").read_text().replace('"rtol": 1e-10', '"rtol": NaN', 1)
     (golden / "manifest.json").write_text(text)

@@ -107,37 +107,38 @@ def _finite_number(value) -> bool:
 def check_entry(name, entry, source: str) -> None:
     """The fields of a case entry that reading and checking rely on; GoldenFormatError naming the field."""
     trust.check_name(name, source)
-    where = f"{source}: case {name!r}"
+    where = f"{source}: case {name!r}"                  # a plain name, so short
     if not isinstance(entry, dict):
         raise GoldenFormatError(f"{where} is a {type(entry).__name__}, expected an object")
     for field in ("file", "sha256", "keys", "dtype", "tolerance"):
         if field not in entry:
             raise GoldenFormatError(f"{where} lacks the field {field!r}")
     if entry["file"] != f"{name}.npz":
-        raise GoldenFormatError(f"{where}: file {entry['file']!r} must be {name + '.npz'!r} "
+        raise GoldenFormatError(f"{where}: file {trust.short(entry['file'])} must be {name + '.npz'!r} "
                                 "(a plain name inside the golden directory)")
     if not isinstance(entry["sha256"], str) or not SHA256.fullmatch(entry["sha256"]):
-        raise GoldenFormatError(f"{where}: sha256 {entry['sha256']!r} is not 64 lowercase hex digits")
+        raise GoldenFormatError(f"{where}: sha256 {trust.short(entry['sha256'])} is not 64 lowercase hex digits")
     if not isinstance(entry["dtype"], str) or entry["dtype"] not in TOLERANCES:
-        raise GoldenFormatError(f"{where}: dtype {entry['dtype']!r}, expected one of {sorted(TOLERANCES)}")
+        raise GoldenFormatError(f"{where}: dtype {trust.short(entry['dtype'])}, expected one of {sorted(TOLERANCES)}")
     tol = entry["tolerance"]
     if not isinstance(tol, dict) or set(tol) != {"rtol", "atol"}:
-        raise GoldenFormatError(f"{where}: tolerance must be an object with rtol and atol, got {tol!r}")
+        raise GoldenFormatError(f"{where}: tolerance must be an object with rtol and atol, got {trust.short(tol)}")
     for field, value in tol.items():
         if not _finite_number(value) or value < 0:
-            raise GoldenFormatError(f"{where}: tolerance {field} {value!r} is not a finite number >= 0")
+            raise GoldenFormatError(f"{where}: tolerance {field} {trust.short(value)} is not a finite number >= 0")
     keys = entry["keys"]
     if not isinstance(keys, dict) or not keys:
         raise GoldenFormatError(f"{where}: keys must be a non-empty object")
     for key, spec in keys.items():
         if not KEY.fullmatch(key) or key.split("/")[0] not in GROUPS:
-            raise GoldenFormatError(f"{where}: key {key!r} is not <group>/<name> with group in {GROUPS}")
+            raise GoldenFormatError(f"{where}: key {trust.short(key)} is not <group>/<name> with group in {GROUPS}")
         if (not isinstance(spec, dict) or not isinstance(spec.get("shape"), list)
                 or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2 ** 31
                            for n in spec["shape"])
                 or not isinstance(spec.get("dtype"), str) or spec["dtype"] not in ITEMSIZE):
-            raise GoldenFormatError(f"{where}: key {key!r} must be {{\"shape\": [ints >= 0], \"dtype\": one of "
-                                    f"{sorted(ITEMSIZE)}}}, got {spec!r}")
+            raise GoldenFormatError(f"{where}: key {trust.short(key)} must be "
+                                    f"{{\"shape\": [ints >= 0], \"dtype\": one of {sorted(ITEMSIZE)}}}, "
+                                    f"got {trust.short(spec)}")
     size = sum(math.prod(spec["shape"]) * ITEMSIZE[spec["dtype"]] for spec in keys.values())
     if size > MAX_CASE_BYTES:
         raise GoldenFormatError(f"{where}: its keys declare {size} bytes of arrays; at most {MAX_CASE_BYTES} "
@@ -162,7 +163,8 @@ def load_manifest(directory) -> dict:
         raise GoldenFormatError(f"{path}: not a {FORMAT_NAME} manifest")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise GoldenFormatError(f"{path}: schema_version {version!r}; this refmoe reads version {SCHEMA_VERSION}")
+        raise GoldenFormatError(
+            f"{path}: schema_version {trust.short(version)}; this refmoe reads version {SCHEMA_VERSION}")
     cases = manifest.get("cases")
     if not isinstance(cases, dict) or not cases:
         raise GoldenFormatError(f"{path}: 'cases' must be a non-empty object")
@@ -212,7 +214,8 @@ def load_case(directory, name: str, manifest: dict | None = None, *, verify: boo
     """
     manifest = load_manifest(directory) if manifest is None else manifest
     if name not in manifest["cases"]:
-        raise GoldenFormatError(f"{directory}: no case {name!r}; cases are {sorted(manifest['cases'])}")
+        raise GoldenFormatError(f"{directory}: no case {trust.short(name)}; "
+                                f"cases are {trust.short(sorted(manifest['cases']), 400)}")
     entry = manifest["cases"][name]
     path = case_path(directory, name, entry)
     if trust.entry_state(path, f"file of case {name!r}") == "missing":

@@ -36,10 +36,19 @@ class GoldenFormatError(ValueError):
 # names, directories and files
 # ----------------------------------------------------------------------------------------------
 
+def short(value, width: int = 80) -> str:
+    """``repr(value)``, cut to ``width`` characters (a tampered field may be huge or deeply nested)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<a deeply nested {type(value).__name__}>"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def check_name(name, source: str) -> str:
     """``name`` itself if it is a plain case name (so ``<name>.npz`` stays inside its directory)."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise GoldenFormatError(f"{source}: case name {name!r} is not a plain name "
+        raise GoldenFormatError(f"{source}: case name {short(name)} is not a plain name "
                                 "(letters, digits, '_' and '-' only)")
     return name
 
@@ -153,25 +162,26 @@ class NpzArchive:
         out = {}
         for info in self.zip.infolist():
             if not info.filename.endswith(".npy"):
-                raise GoldenFormatError(f"{self.path}: member {info.filename!r} is not a .npy array")
+                raise GoldenFormatError(f"{self.path}: member {short(info.filename)} is not a .npy array")
             key = info.filename[:-4]
+            shown = short(key)
             if key in out:
-                raise GoldenFormatError(f"{self.path}: key {key!r} appears twice")
+                raise GoldenFormatError(f"{self.path}: key {shown} appears twice")
             with self.zip.open(info) as f:
                 try:
                     shape, fortran, dtype = _read_header(f)
                 except ValueError as exc:
-                    raise GoldenFormatError(f"{self.path}: array {key!r} has no readable .npy header ({exc})") from None
+                    raise GoldenFormatError(f"{self.path}: array {shown} has no readable .npy header ({exc})") from None
                 header_size = f.tell()
             if dtype.hasobject:
-                raise GoldenFormatError(f"{self.path}: array {key!r} holds pickled Python objects; refusing to "
+                raise GoldenFormatError(f"{self.path}: array {shown} holds pickled Python objects; refusing to "
                                         "load it (fixtures and dumps must hold numeric arrays only)")
             if dtype.kind not in PLAIN_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-                raise GoldenFormatError(f"{self.path}: array {key!r} has dtype {dtype}; expected plain numbers")
+                raise GoldenFormatError(f"{self.path}: array {shown} has dtype {dtype}; expected plain numbers")
             needed = header_size + int(np.prod(shape, dtype=object)) * dtype.itemsize
             if info.file_size > needed:
                 raise GoldenFormatError(
-                    f"{self.path}: array {key!r} declares {info.file_size} bytes uncompressed where its shape "
+                    f"{self.path}: array {shown} declares {info.file_size} bytes uncompressed where its shape "
                     f"{tuple(shape)} and dtype {dtype} need {needed}; refusing to decompress it")
             out[key] = Member(key, tuple(shape), dtype, fortran, info)
         return out
