@@ -156,7 +156,7 @@ class NpzArchive:
         except Exception as exc:  # zipfile.BadZipFile, a truncated header, a bad CRC ...
             self.close()
             raise GoldenFormatError(
-                f"{self.path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+                f"{self.path}: not a readable .npz file ({type(exc).__name__}: {str(exc)[:120]})") from None
 
     def _members(self) -> dict:
         out = {}
@@ -171,7 +171,8 @@ class NpzArchive:
                 try:
                     shape, fortran, dtype = _read_header(f)
                 except ValueError as exc:
-                    raise GoldenFormatError(f"{self.path}: array {shown} has no readable .npy header ({exc})") from None
+                    raise GoldenFormatError(
+                        f"{self.path}: array {shown} has no readable .npy header ({str(exc)[:120]})") from None
                 header_size = f.tell()
             if dtype.hasobject:
                 raise GoldenFormatError(f"{self.path}: array {shown} holds pickled Python objects; refusing to "
@@ -182,7 +183,7 @@ class NpzArchive:
             if info.file_size > needed:
                 raise GoldenFormatError(
                     f"{self.path}: array {shown} declares {info.file_size} bytes uncompressed where its shape "
-                    f"{tuple(shape)} and dtype {dtype} need {needed}; refusing to decompress it")
+                    f"{short(tuple(shape))} and dtype {dtype} need {needed}; refusing to decompress it")
             out[key] = Member(key, tuple(shape), dtype, fortran, info)
         return out
 
@@ -198,7 +199,7 @@ class NpzArchive:
         return m.shape, m.dtype
 
     def __getitem__(self, key) -> np.ndarray:
-        m = self.members[key]
+        m, shown = self.members[key], short(key)
         nbytes = int(np.prod(m.shape, dtype=object)) * m.dtype.itemsize
         try:
             with self.zip.open(m.info) as f:
@@ -206,9 +207,9 @@ class NpzArchive:
                 data = f.read(nbytes)
         except Exception as exc:  # a bad CRC, a truncated deflate stream ...
             raise GoldenFormatError(
-                f"{self.path}: array {key!r} cannot be read ({type(exc).__name__}: {exc})") from None
+                f"{self.path}: array {shown} cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from None
         if len(data) != nbytes:
-            raise GoldenFormatError(f"{self.path}: array {key!r} is truncated ({len(data)} of {nbytes} bytes)")
+            raise GoldenFormatError(f"{self.path}: array {shown} is truncated ({len(data)} of {nbytes} bytes)")
         flat = np.frombuffer(bytearray(data), dtype=m.dtype)            # a writable copy
         return flat.reshape(m.shape[::-1]).T if m.fortran else flat.reshape(m.shape)
 
