@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -286,12 +287,27 @@ def run(golden_dir, dump_dir, cases=None, broken: str | None = None) -> list:
         if not supports(entry):
             print(f"skip {name}: variants {entry['variants']} not implemented here")
             continue
-        with np.load(os.path.join(golden_dir, entry["file"]), allow_pickle=False) as z:
+        # the manifest does not choose paths: <case>.npz in each directory, never through a symlink
+        source, target = (os.path.join(d, plain_name(name) + ".npz") for d in (golden_dir, dump_dir))
+        with np.load(refuse_symlink(source), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         compute = run_layers_case if entry.get("kind", "layer") == "aux_layers" else run_case
-        np.savez(os.path.join(dump_dir, entry["file"]), **compute(arrays, entry, broken))
+        np.savez(refuse_symlink(target), **compute(arrays, entry, broken))
         done.append(name)
     return done
+
+
+def plain_name(name) -> str:
+    """A case name made of letters, digits, '_' and '-' only, so that <name>.npz stays in its directory."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"case name {name!r} is not a plain name (letters, digits, '_' and '-')")
+    return name
+
+
+def refuse_symlink(path: str) -> str:
+    if os.path.islink(path):
+        raise ValueError(f"{path} is a symlink; refusing to follow it")
+    return path
 
 
 def main(argv=None):

@@ -1,13 +1,28 @@
 """refmoe golden: write golden fixtures, or check another implementation's dump against them."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 HELP = "write golden fixtures (refmoe golden write DIR) or check a dump against them (refmoe golden check DIR DUMP)"
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line, ``refmoe golden: error: ...``, and exit code 2 (no usage block)."""
+
+    def error(self, message):
+        raise SystemExit(_error(message))
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra:                                 # else the top-level parser reports them with its usage
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace, extra
+
+
 def add_arguments(parser):
-    sub = parser.add_subparsers(dest="golden_command", metavar="ACTION")
+    parser.error = _OneLineParser.error.__get__(parser)     # `refmoe golden nope` too
+    sub = parser.add_subparsers(dest="golden_command", metavar="ACTION", parser_class=_OneLineParser)
     w = sub.add_parser("write", help="compute the golden cases and write DIR/<case>.npz and DIR/manifest.json")
     w.add_argument("directory", metavar="DIR")
     w.add_argument("--case", action="append", default=None, metavar="NAME",
@@ -18,15 +33,19 @@ def add_arguments(parser):
     c.add_argument("directory", metavar="DIR", help="golden directory written by `refmoe golden write`")
     c.add_argument("dump", metavar="DUMP", help="directory of your implementation's <case>.npz files")
     c.add_argument("--case", action="append", default=None, metavar="NAME", help="check only this case (repeatable)")
-    c.add_argument("--rtol", type=float, default=None, help="override the manifest's rtol (all dtypes)")
-    c.add_argument("--atol", type=float, default=None, help="override the manifest's atol (all dtypes)")
+    c.add_argument("--rtol", default=None, metavar="X",
+                   help="rtol for every case instead of the default of its dtype (finite, >= 0)")
+    c.add_argument("--atol", default=None, metavar="X",
+                   help="atol for every case instead of the default of its dtype (finite, >= 0)")
     c.add_argument("--require-all", action="store_true", help="fail when the dump lacks a case (default: skip it)")
     c.add_argument("-v", "--verbose", action="store_true", help="print the table of every case, not only failures")
     sub.add_parser("list", help="list the cases of the default grid")
 
 
 def run(args) -> int:
+    """0: written, listed, or the dump matches; 1: a mismatch; 2: bad input (one line on stderr)."""
     from ..golden import GoldenFormatError, check_dump, default_cases, write_golden
+    from ..golden.checker import check_tolerance
 
     action = getattr(args, "golden_command", None)
     try:
@@ -35,7 +54,9 @@ def run(args) -> int:
             print(f"wrote {len(manifest['cases'])} case(s) and manifest.json to {args.directory}")
             return 0
         if action == "check":
-            report = check_dump(args.directory, args.dump, cases=args.case, rtol=args.rtol, atol=args.atol,
+            rtol = None if args.rtol is None else check_tolerance(_number(args.rtol), "--rtol")
+            atol = None if args.atol is None else check_tolerance(_number(args.atol), "--atol")
+            report = check_dump(args.directory, args.dump, cases=args.case, rtol=rtol, atol=atol,
                                 require_all=args.require_all)
             print(report.format(verbose=args.verbose))
             return 0 if report.ok else 1
@@ -44,7 +65,20 @@ def run(args) -> int:
                 print(f"{spec.name:<24} {spec.dtype:<8} {spec.description}")
             return 0
     except (GoldenFormatError, ValueError) as exc:
-        print(f"refmoe golden {action}: error: {exc}", file=sys.stderr)
-        return 2
-    print("usage: refmoe golden {write,check,list} ... (see refmoe golden --help)", file=sys.stderr)
+        return _error(exc)
+    except OSError as exc:                                   # an unwritable or unreadable path
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _error(f"{where}{exc.strerror or exc}")
+    return _error("no action given; usage: refmoe golden {write,check,list} ... (see refmoe golden --help)")
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text                                          # check_tolerance names it
+
+
+def _error(message) -> int:
+    print(f"refmoe golden: error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2

@@ -5,17 +5,25 @@ A dump is a directory with one ``<case>.npz`` per case it covers, holding the sa
 present). Cases without a dump file are skipped (an implementation may support a subset) unless
 ``require_all``. A tensor passes when
 
-    max |got - want| <= atol + rtol * max |want|        (floats; tolerances from the manifest by dtype)
-    got == want                                          (integers and bools: top-k indices, masks)
+    max |got - want| <= atol + rtol * max |want|        (floats)
+    got == want                                          (integers and bools, in their dtype: top-k indices, masks)
+
+The tolerances are the checker's own: ``format.TOLERANCES`` by dtype, or ``rtol`` / ``atol`` when given; a
+manifest's ``tolerance`` can only tighten the defaults, never loosen them. The golden and dump directories
+are not trusted (docs/golden-format.md#trust): every file is a plain ``<case>.npz`` inside its directory, no
+symlinks are followed, and a dump member's ``.npy`` header (dtype kind, shape, declared size) is checked
+before its data is read.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
 import numpy as np
 
 from . import format as fmt
+from . import trust
 
 
 class TensorResult(NamedTuple):
@@ -88,16 +96,26 @@ def _py(v):
     return v.item() if hasattr(v, "item") else v
 
 
+def _kind_error(case, key, got_dtype, want_dtype):
+    want_kind = trust.KIND_NAMES.get(want_dtype.kind, want_dtype.kind)
+    return fmt.GoldenFormatError(f"case {case!r}: {key} has dtype {got_dtype}, expected a {want_kind} array "
+                                 f"like the fixture's {want_dtype}")
+
+
 def compare_tensor(case, key, got, want, rtol, atol, n_show=5) -> TensorResult:
+    """One tensor's verdict. A dtype whose kind differs from the fixture's (float for int64 ...) is a
+    GoldenFormatError, not a mismatch; integers and bools are compared exactly, without a cast."""
     want = np.asarray(want)
     got = np.asarray(got)
+    if got.dtype.kind not in trust.PLAIN_KINDS or got.dtype.hasobject:
+        raise fmt.GoldenFormatError(f"case {case!r}: {key} has dtype {got.dtype}, which is not plain numbers")
+    if got.dtype.kind != want.dtype.kind:
+        raise _kind_error(case, key, got.dtype, want.dtype)
     if got.shape != want.shape:
         return TensorResult(case, key, np.inf, np.inf, False,
                             f"shape {tuple(got.shape)}, expected {tuple(want.shape)}", ())
-    if got.dtype.kind not in "biuf" or got.dtype.hasobject:
-        return TensorResult(case, key, np.inf, np.inf, False, f"dtype {got.dtype} is not numeric", ())
     if want.dtype.kind in "biu":
-        diff = got.astype(np.int64) != want.astype(np.int64) if want.dtype.kind != "b" else got != want
+        diff = got != want                                  # same kind: exact, no cast
         n_bad = int(diff.sum())
         mism = tuple((tuple(int(i) for i in ix), _py(got[ix]), _py(want[ix])) for ix in zip(*np.nonzero(diff)))
         note = f"{n_bad} of {want.size} entries differ" if n_bad else ""
@@ -124,8 +142,12 @@ def compare_tensor(case, key, got, want, rtol, atol, n_show=5) -> TensorResult:
     return TensorResult(case, key, max_abs, max_rel, ok, "", mism, used)
 
 
-def compare_case(name: str, golden: dict, dump: dict, tolerance: dict, *, n_show: int = 5) -> list:
-    """TensorResult rows for one case: every output key of the fixture, plus inputs the dump repeats."""
+def compare_case(name: str, golden: dict, dump, tolerance: dict, *, n_show: int = 5) -> list:
+    """TensorResult rows for one case: every output key of the fixture, plus inputs the dump repeats.
+
+    ``dump`` is a dict of arrays or a trust.NpzArchive; for an archive a member's dtype kind and shape are
+    checked from its header, and its data is read only when they fit.
+    """
     rows = []
     for key in sorted(golden, key=lambda k: (fmt.GROUPS.index(k.split("/")[0]), k)):
         group = key.split("/")[0]
@@ -134,7 +156,16 @@ def compare_case(name: str, golden: dict, dump: dict, tolerance: dict, *, n_show
         if key not in dump:
             rows.append(TensorResult(name, key, np.inf, np.inf, False, "missing from the dump", ()))
             continue
-        rows.append(compare_tensor(name, key, dump[key], golden[key], tolerance["rtol"], tolerance["atol"], n_show))
+        want = golden[key]
+        if hasattr(dump, "spec"):
+            shape, dtype = dump.spec(key)
+            if dtype.kind != want.dtype.kind:
+                raise _kind_error(name, key, dtype, want.dtype)
+            if shape != want.shape:
+                rows.append(TensorResult(name, key, np.inf, np.inf, False,
+                                         f"shape {shape}, expected {tuple(want.shape)}", ()))
+                continue
+        rows.append(compare_tensor(name, key, dump[key], want, tolerance["rtol"], tolerance["atol"], n_show))
     return rows
 
 
@@ -142,18 +173,37 @@ def compare_case(name: str, golden: dict, dump: dict, tolerance: dict, *, n_show
 # a whole directory
 # ----------------------------------------------------------------------------------------------
 
+def check_tolerance(value, name: str) -> float:
+    """``value`` as a float if it is a finite number >= 0; GoldenFormatError otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+        raise fmt.GoldenFormatError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def case_tolerance(entry: dict, rtol=None, atol=None) -> dict:
+    """The tolerances a case is checked at: ``rtol`` / ``atol`` when given, else format.TOLERANCES of the
+    case's dtype tightened (never loosened) by the manifest entry's ``tolerance``."""
+    own = fmt.TOLERANCES[entry["dtype"]]
+    recorded = entry["tolerance"]
+    return {field: (check_tolerance(given, field) if given is not None else min(own[field], recorded[field]))
+            for field, given in (("rtol", rtol), ("atol", atol))}
+
+
 def check_dump(golden_dir, dump_dir, *, cases=None, rtol: float | None = None, atol: float | None = None,
                require_all: bool = False, n_show: int = 5) -> CheckReport:
     """Compare ``dump_dir/<case>.npz`` with ``golden_dir/<case>.npz`` for every golden case (or ``cases``).
 
-    rtol, atol    override the manifest's dtype-aware tolerances
+    rtol, atol    replace the default tolerances (finite, >= 0; see case_tolerance)
     require_all   a missing dump file fails its case instead of skipping it
-    Raises GoldenFormatError for a bad fixture (no manifest, checksum mismatch, missing keys, wrong
-    shapes, pickled objects) and for an unreadable or pickled dump file.
+    Raises GoldenFormatError for a bad fixture (no manifest, a malformed field, checksum mismatch, missing
+    keys, wrong shapes, pickled objects, symlinks) and for an unreadable, pickled or wrongly typed dump file.
     """
     manifest = fmt.load_manifest(golden_dir)
-    if not os.path.isdir(dump_dir):
-        raise fmt.GoldenFormatError(f"{dump_dir}: dump directory not found")
+    dump_dir = trust.check_directory(dump_dir, "dump directory")
     names = sorted(manifest["cases"]) if not cases else list(cases)
     unknown = [n for n in names if n not in manifest["cases"]]
     if unknown:
@@ -161,14 +211,9 @@ def check_dump(golden_dir, dump_dir, *, cases=None, rtol: float | None = None, a
     results, checked, skipped, tolerances = [], [], [], {}
     for name in names:
         entry = manifest["cases"][name]
-        tol = dict(entry["tolerance"])
-        if rtol is not None:
-            tol["rtol"] = float(rtol)
-        if atol is not None:
-            tol["atol"] = float(atol)
-        tolerances[name] = tol
-        path = os.path.join(dump_dir, entry["file"])
-        if not os.path.isfile(path):
+        tol = tolerances[name] = case_tolerance(entry, rtol, atol)
+        path = os.path.join(dump_dir, f"{trust.check_name(name, 'case')}.npz")
+        if trust.entry_state(path, f"dump of case {name!r}") == "missing":
             if require_all:
                 results.append(TensorResult(name, "(file)", np.inf, np.inf, False, f"{path} not found", ()))
                 checked.append(name)
@@ -176,7 +221,7 @@ def check_dump(golden_dir, dump_dir, *, cases=None, rtol: float | None = None, a
                 skipped.append(name)
             continue
         golden = fmt.load_case(golden_dir, name, manifest)
-        dump = fmt.load_npz(path)
-        results.extend(compare_case(name, golden, dump, tol, n_show=n_show))
+        with trust.NpzArchive(path, f"dump of case {name!r}") as dump:
+            results.extend(compare_case(name, golden, dump, tol, n_show=n_show))
         checked.append(name)
     return CheckReport(tuple(results), tuple(checked), tuple(skipped), tolerances)

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..backend import backend_name
 from . import format as fmt
+from . import trust
 from .cases import CaseSpec, compute_case, resolve_preset
 from .grid import select
 
@@ -48,7 +49,9 @@ def write_golden(directory, cases=None, *, backend: str | None = "numpy") -> dic
 
     cases    None (the default grid), a list of case names from it, or a list of ``CaseSpec``
     backend  where to compute ("numpy" or "cupy"); the files are the same format either way
-    Same refmoe and NumPy versions on NumPy give byte-identical files.
+    Same refmoe and NumPy versions on NumPy give byte-identical files. Case names must be plain names
+    (letters, digits, '_', '-'); ``directory`` and the files written in it may not be symlinks
+    (GoldenFormatError), and each file is written under a temporary name and renamed into place.
     """
     from .. import __version__
 
@@ -58,11 +61,13 @@ def write_golden(directory, cases=None, *, backend: str | None = "numpy") -> dic
         specs = list(cases)
     else:
         raise TypeError("cases must be None, a list of case names, or a list of CaseSpec")
-    specs = [resolve_preset(s) for s in specs]          # the manifest records the calibrated coefficients
-    names = [s.name for s in specs]
+    names = [trust.check_name(s.name, "write_golden") for s in specs]   # <name>.npz stays inside directory
     if len(set(names)) != len(names):
         raise ValueError(f"case names repeat: {names}")
+    specs = [resolve_preset(s) for s in specs]          # the manifest records the calibrated coefficients
     name = backend_name(backend)
+    if os.path.lexists(directory):
+        directory = trust.check_directory(directory, "golden directory")     # not a symlink to elsewhere
     os.makedirs(directory, exist_ok=True)
     entries = {}
     for spec in specs:
