@@ -23,13 +23,22 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from ..backend import backend_name
-    from ..gradcheck import FD_ZERO_RESOLUTION, row_status, run_all_checks
+    from ..backend import BackendUnavailableError, backend_name, get_xp
+    from ..cli import UsageError
     from ..config import MoEConfig
+    from ..gradcheck import FD_ZERO_RESOLUTION, row_status, run_all_checks
 
-    cfg = MoEConfig(d_model=args.d_model, d_hidden=args.d_hidden, n_experts=args.experts, top_k=args.top_k,
-                    n_shared=args.shared, norm_topk_prob=not args.no_renorm)
-    backend = backend_name(args.backend)
+    try:
+        cfg = MoEConfig(d_model=args.d_model, d_hidden=args.d_hidden, n_experts=args.experts, top_k=args.top_k,
+                        n_shared=args.shared, norm_topk_prob=not args.no_renorm)
+        backend = backend_name(args.backend)
+        get_xp(backend)
+    except (ValueError, TypeError, BackendUnavailableError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.tokens < 1:
+        raise UsageError(f"--tokens {args.tokens}: need at least one token")
+    if not args.tol > 0 or args.tol != args.tol or args.tol == float("inf"):
+        raise UsageError(f"--tol {args.tol}: need a finite number > 0")
     start = time.perf_counter()
     rows = run_all_checks(cfg, args.tokens, backend=backend, seed=args.seed)
     elapsed = time.perf_counter() - start
