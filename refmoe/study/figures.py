@@ -181,6 +181,11 @@ def _alignment_axes(summary: dict, combo: str, width: float, row_height: float):
     n = max(1, len(presets))
     fig = _figure(width, row_height * n + 0.8)
     axes = fig.subplots(n, len(GROUPS), squeeze=False)
+    if not presets:                                  # e.g. --combos aux: say so instead of empty axes
+        for ax in axes[0]:
+            ax.set_axis_off()
+        axes[0][1].text(0.5, 0.5, f"no {combo} run with logged steps in this study", ha="center", va="center",
+                        fontsize=11, transform=axes[0][1].transAxes)
     return presets, fig, axes
 
 
@@ -218,7 +223,8 @@ def fig_grad_cosine(summary: dict, combo: str = "aux+ortho+var") -> Figure:
                      label="cosine (+1 same direction, -1 opposed)")
     fig.suptitle(f"How the loss terms' gradients align under {combo}\n(mean cosine over logged steps and seeds)",
                  fontsize=10)
-    _zero_legend(fig)
+    if presets:
+        _zero_legend(fig)
     return fig
 
 
@@ -252,7 +258,8 @@ def fig_grad_cosine_steps(summary: dict, combo: str = "aux+ortho+var") -> Figure
         fig.colorbar(im, ax=axes[i].tolist(), shrink=0.85,
                      label="cosine (+1 same direction, -1 opposed)")
     fig.suptitle(f"Gradient alignment over fine-tuning under {combo} (mean over seeds)", fontsize=10)
-    _zero_legend(fig)
+    if presets:
+        _zero_legend(fig)
     return fig
 
 
