@@ -111,13 +111,21 @@ def test_unwritable_out_is_refused_before_the_study(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert main(["reproduce", *TINY, "--out", str(blocker / "rep")]) == 2      # parent is a file
     assert main(["reproduce", *TINY, "--out", str(blocker)]) == 2              # out itself is a file
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    assert main(["reproduce", *TINY, "--out", str(tmp_path / "mine")]) == 2    # not a report folder
     cap = capsys.readouterr()
-    assert cap.out == "" and len(cap.err.strip().splitlines()) == 3
-    assert "cannot write there" in cap.err and "is not a folder" in cap.err and "notes.txt" in cap.err
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert cap.out == "" and len(cap.err.strip().splitlines()) == 2
+    assert "cannot write there" in cap.err and "is not a folder" in cap.err
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_other_files_in_out_are_kept_and_stale_figures_removed(tmp_path):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "README.md").write_text("keep me")
+    (out / "sweep.png").write_bytes(b"stale")                 # from an earlier run with a sweep
+    assert main(["reproduce", *TINY, "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["README.md", "report.md", "results.json"]
+    assert (out / "README.md").read_text() == "keep me"
+    assert os.listdir(tmp_path) == ["rep"]
 
 
 def test_interrupted_run_leaves_the_previous_report_alone(tmp_path, monkeypatch, capsys):

@@ -3,7 +3,7 @@ combination and both presets, several seeds), written to a report folder with a 
 
 Every flag is checked before any work starts (one ``error:`` line, exit status 2). The report is written into a
 temporary folder next to ``--out`` and moved into place at the end, so an interrupted run leaves the previous
-report as it was, never a mix of new figures and a stale results.json.
+report as it was, never a mix of new figures and a stale results.json; other files in ``--out`` are kept.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ SIZE_FLAGS = {"pretrain_steps": "pretrain_steps", "finetune_steps": "finetune_st
 # StudyConfig field -> smallest value that makes sense
 MINIMUM = {"pretrain_steps": 1, "finetune_steps": 1, "log_every": 1, "batch_size": 2, "d_model": 1, "d_hidden": 1,
            "n_experts": 2, "top_k": 1, "n_shared": 0, "n_clusters": 1, "n_narrow": 1, "eval_tokens": 2}
-# a report folder holds only these (a folder with anything else is not replaced)
+# the files a report consists of (refmoe.study.report and refmoe.study.figures); other files in --out are kept
 REPORT_FILES = ("report.md", "results.json")
 
 
@@ -129,16 +129,10 @@ def check_backend(backend: str) -> str | None:
 
 
 def check_out(out: str) -> str | None:
-    """--out must be a new folder, an empty one, or a previous report folder (it is replaced as a whole)."""
+    """--out must be a folder or not exist yet."""
     out = os.path.abspath(out)
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            return f"--out {out}: exists and is not a folder"
-        other = [n for n in sorted(os.listdir(out)) if n not in REPORT_FILES and not n.endswith(".png")]
-        if other:
-            return (f"--out {out}: holds files that are not part of a refmoe report ({', '.join(other[:3])}"
-                    f"{', ...' if len(other) > 3 else ''}); the report replaces the whole folder, so choose a new "
-                    "or empty one")
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out}: exists and is not a folder"
     return None
 
 
@@ -150,18 +144,36 @@ def _staging_dir(out: str) -> str:
     return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
 
 
+def _report_files() -> set:
+    from ..study.figures import FILE_NAMES
+
+    return set(REPORT_FILES) | set(FILE_NAMES)
+
+
 def _move_into_place(staging: str, out: str):
-    """Replace ``out`` by ``staging``: the old report is set aside, the new one renamed in, then the old removed."""
+    """Put the finished report of ``staging`` at ``out``. A new folder, or one that holds nothing but a previous
+    report, is swapped whole (old set aside, new renamed in, old removed). A folder that also holds other files
+    (a README, a run log) keeps them: each report file is renamed over its old version, and report files this
+    run did not write (a sweep figure from an earlier run) are removed."""
     out = os.path.abspath(out)
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rmdir(old)
-        os.rename(out, old)
-    os.rename(staging, out)
-    os.chmod(out, 0o777 & ~_umask())
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    report = _report_files()
+    os.chmod(staging, 0o777 & ~_umask())            # mkdtemp made it private
+    if not os.path.exists(out) or set(os.listdir(out)) <= report:
+        old = None
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+            os.rmdir(old)
+            os.rename(out, old)
+        os.rename(staging, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    new = set(os.listdir(staging))
+    for name in sorted(new):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    for name in sorted((report & set(os.listdir(out))) - new):
+        os.remove(os.path.join(out, name))
+    os.rmdir(staging)
 
 
 def _umask() -> int:

@@ -308,6 +308,10 @@ def fig_sweep(sweep: dict, rmse_bound: float = 0.03) -> Figure:
 # all of them
 # ----------------------------------------------------------------------------------------------
 
+FILE_NAMES = ("fig2_maxvio.png", "fig3_specialization.png", "ablation.png", "grad_cosine.png",
+              "grad_cosine_steps.png", "sweep.png")      # every file save_all can write
+
+
 def save_all(summary: dict, out_dir: str, sweep: dict | None = None) -> list:
     """Write every figure as PNG under out_dir; returns the file names."""
     made = {"fig2_maxvio.png": fig_maxvio, "fig3_specialization.png": fig_specialization,
