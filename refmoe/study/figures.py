@@ -1,6 +1,6 @@
 """PNG figures of the specialisation study, from ``summary.summarize`` / ``summary.sweep_summary`` output.
 
-    fig2_maxvio.png          MaxVio_batch over fine-tuning steps, one line per loss combination (like the paper's Fig. 2)
+    fig2_maxvio.png          MaxVio_batch over fine-tuning, one line per loss combination (like the paper's Fig. 2)
     fig3_specialization.png  overlap, silhouette, both routing variances per loss combination (like the paper's Fig. 3)
     ablation.png             aux, +L_o, +L_v, +both: overlap, per-token routing variance, MaxVio_global, L_h
     grad_cosine.png          cosine between the per-term gradients (router, routed experts, layer input)
@@ -293,8 +293,9 @@ def fig_sweep(sweep: dict, rmse_bound: float = 0.03) -> Figure:
             ax.set_xlabel("factor on the preset's beta and gamma", fontsize=9)
             ax.set_ylabel(METRIC_LABELS[k].replace(" (", "\n("), fontsize=9)
             _tidy(ax)
-        axes[i][0].set_title(f"{_preset_title(p)}; x1 = its beta, gamma\n(seed 0: beta {base['beta'] / base['factor']:.3g}, "
-                             f"gamma {base['gamma'] / base['factor']:.3g})", fontsize=9, loc="left")
+        b0, g0 = base["beta"] / base["factor"], base["gamma"] / base["factor"]
+        axes[i][0].set_title(f"{_preset_title(p)}; x1 = its beta, gamma\n(seed 0: beta {b0:.3g}, gamma {g0:.3g})",
+                             fontsize=9, loc="left")
     handles = [Line2D([], [], color=combo_colour("aux+ortho+var"), marker="o", lw=1.5,
                       label="aux+ortho+var at the scaled beta, gamma (mean; error bars: sd over seeds)"),
                Line2D([], [], color=combo_colour("aux"), ls="--", lw=1.2, label="aux only (mean over seeds)"),

@@ -164,7 +164,9 @@ def run_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = p
 
 def _mmss(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
-    return f"{seconds // 60:02d}:{seconds % 60:02d}" if seconds < 6000 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
+    if seconds >= 6000:                                   # 100 minutes and more: hours and minutes
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
 class Progress:
