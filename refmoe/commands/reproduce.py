@@ -1,8 +1,17 @@
 """refmoe reproduce: the specialisation study (broad pre-training, narrow fine-tuning under every loss
-combination and both presets, several seeds), written to a report folder with a verdict per paper claim."""
+combination and both presets, several seeds), written to a report folder with a verdict per paper claim.
+
+Every flag is checked before any work starts (one ``error:`` line, exit status 2). The report is written into a
+temporary folder next to ``--out`` and moved into place at the end, so an interrupted run leaves the previous
+report as it was, never a mix of new figures and a stale results.json; other files in ``--out`` are kept.
+"""
 from __future__ import annotations
 
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 
 HELP = "train MoE blocks on synthetic clustered data and report which of the paper's claims this run supports"
@@ -16,6 +25,11 @@ SIZE_FLAGS = {"pretrain_steps": "pretrain_steps", "finetune_steps": "finetune_st
               "batch_size": "batch_size", "d_model": "d_model", "d_hidden": "d_hidden", "experts": "n_experts",
               "top_k": "top_k", "shared": "n_shared", "clusters": "n_clusters", "narrow": "n_narrow",
               "eval_tokens": "eval_tokens"}
+# StudyConfig field -> smallest value that makes sense
+MINIMUM = {"pretrain_steps": 1, "finetune_steps": 1, "log_every": 1, "batch_size": 2, "d_model": 1, "d_hidden": 1,
+           "n_experts": 2, "top_k": 1, "n_shared": 0, "n_clusters": 1, "n_narrow": 1, "eval_tokens": 2}
+# the files a report consists of (refmoe.study.report and refmoe.study.figures); other files in --out are kept
+REPORT_FILES = ("report.md", "results.json")
 
 
 def add_arguments(parser):
@@ -27,7 +41,8 @@ def add_arguments(parser):
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     parser.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (about 20 s)")
-    parser.add_argument("--seeds", type=int, default=None, help=f"number of seeds 0..S-1 (default {len(d.seeds)})")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"number of seeds 0..S-1, at least 2 (default {len(d.seeds)})")
     for flag, field in SIZE_FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
                             help=f"default {getattr(d, field)}")
@@ -45,6 +60,9 @@ def add_arguments(parser):
                         help=f"factors on beta and gamma for extra aux+ortho+var runs (default {list(d.sweep)}; "
                              "give none to skip)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", action="store_true", help="print only errors and the final summary")
+    talk.add_argument("--verbose", action="store_true", help="also print the losses at every logging step")
 
 
 def study_from_args(args):
@@ -63,31 +81,159 @@ def study_from_args(args):
         fields["seeds"] = tuple(range(args.seeds))
     fields.update(backend=args.backend, dtype=args.dtype, lr=args.lr, pretrain_alpha=args.pretrain_alpha,
                   alpha=args.alpha, beta=args.beta, gamma=args.gamma, presets=tuple(args.presets),
-                  combos=tuple(args.combos))
+                  combos=tuple(dict.fromkeys(args.combos)))
     return StudyConfig(**fields)
 
 
-def run(args) -> int:
-    from ..backend import backend_name, get_xp
-    from ..study.report import write_report
-    from ..study.runner import run_study
+# ----------------------------------------------------------------------------------------------
+# checks before any work
+# ----------------------------------------------------------------------------------------------
 
-    backend_name(args.backend)
-    get_xp(args.backend)                        # fails early and clearly when CuPy is unusable
-    study = study_from_args(args)
+def _flag(field: str) -> str:
+    name = next((f for f, v in SIZE_FLAGS.items() if v == field), field)
+    return "--" + name.replace("_", "-")
+
+
+def check_study(study) -> str | None:
+    """What is wrong with the study's settings, in one line, or None."""
+    if len(study.seeds) < 2:
+        return f"--seeds {len(study.seeds)}: need at least 2 seeds: a verdict needs a spread over seeds"
+    for field, low in MINIMUM.items():
+        value = getattr(study, field)
+        if value < low:
+            return f"{_flag(field)} {value}: must be at least {low}"
+    if study.top_k > study.n_experts:
+        return f"--top-k {study.top_k} exceeds --experts {study.n_experts}"
     if study.n_narrow > study.n_clusters:
-        print(f"error: --narrow {study.n_narrow} exceeds --clusters {study.n_clusters}", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    n_runs = len(study.seeds) * (1 + len(study.presets) * len(study.combos))
-    print(f"refmoe reproduce: {len(study.seeds)} seeds x (pre-training + {len(study.presets)} presets x "
-          f"{len(study.combos)} combos) = {n_runs} training runs on {study.backend}", flush=True)
-    result = run_study(study, status=lambda line: print(line, flush=True))
-    paths = write_report(result, args.out, figures=not args.no_figures)
+        return f"--narrow {study.n_narrow} exceeds --clusters {study.n_clusters}"
+    if not (math.isfinite(study.lr) and study.lr > 0):
+        return f"--lr {study.lr}: must be a finite number > 0"
+    for flag, value in (("--pretrain-alpha", study.pretrain_alpha), ("--alpha", study.alpha),
+                        ("--beta", study.beta), ("--gamma", study.gamma)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            return f"{flag} {value}: must be a finite number >= 0"
+    for f in study.sweep:
+        if not (math.isfinite(f) and f > 0):
+            return f"--sweep {f}: every factor must be a finite number > 0"
+    return None
+
+
+def check_backend(backend: str) -> str | None:
+    if backend != "cupy":
+        return None
+    from ..backend import cupy_status
+
+    ok, why = cupy_status()
+    return None if ok else (f"--backend cupy: CuPy cannot run here ({why}); use --backend numpy, or a machine "
+                            "with a CUDA GPU and refmoe[cuda12] / refmoe[cuda13] installed")
+
+
+def check_out(out: str) -> str | None:
+    """--out must be a folder or not exist yet."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out}: exists and is not a folder"
+    return None
+
+
+def _staging_dir(out: str) -> str:
+    """A new temporary folder next to --out (so the final move stays on one file system); OSError if it cannot."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+
+
+def _report_files() -> set:
+    from ..study.figures import FILE_NAMES
+
+    return set(REPORT_FILES) | set(FILE_NAMES)
+
+
+def _move_into_place(staging: str, out: str):
+    """Put the finished report of ``staging`` at ``out``. A new folder, or one that holds nothing but a previous
+    report, is swapped whole (old set aside, new renamed in, old removed). A folder that also holds other files
+    (a README, a run log) keeps them: each report file is renamed over its old version, and report files this
+    run did not write (a sweep figure from an earlier run) are removed."""
+    out = os.path.abspath(out)
+    report = _report_files()
+    os.chmod(staging, 0o777 & ~_umask())            # mkdtemp made it private
+    if not os.path.exists(out) or set(os.listdir(out)) <= report:
+        old = None
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+            os.rmdir(old)
+            os.rename(out, old)
+        os.rename(staging, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    new = set(os.listdir(staging))
+    for name in sorted(new):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    for name in sorted((report & set(os.listdir(out))) - new):
+        os.remove(os.path.join(out, name))
+    os.rmdir(staging)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------
+
+def run(args) -> int:
+    from ..study.report import write_report
+    from ..study.runner import Progress, count_runs, count_steps, fine_tuning_runs, run_study
+
+    study = study_from_args(args)
+    problem = check_study(study) or check_backend(study.backend) or check_out(args.out)
+    if problem:
+        return _error(problem)
+    try:
+        staging = _staging_dir(args.out)
+    except OSError as exc:
+        return _error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+
+    try:
+        t0 = time.perf_counter()
+        n_ft = len(fine_tuning_runs(study))
+        n_sweep = n_ft - len(study.combos)
+        progress = None
+        if not args.quiet:
+            sweep = f" + {_n(n_sweep, 'sweep run')}" if n_sweep else ""
+            print(f"refmoe reproduce: {_n(len(study.seeds), 'seed')} x (pre-training + "
+                  f"{_n(len(study.presets), 'preset')} x ({_n(len(study.combos), 'combo')}{sweep})) = "
+                  f"{_n(count_runs(study), 'training run')} on {study.backend}", flush=True)
+            progress = Progress(count_runs(study), count_steps(study))
+        status = progress.note if (progress is not None and args.verbose) else (lambda line: None)
+        result = run_study(study, status=status, progress=progress)
+        paths = write_report(result, staging, figures=not args.no_figures)
+        _move_into_place(staging, args.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
     print(f"\nverdicts (details in {args.out}/report.md):")
     for preset, rows in result.claims.items():
+        if not rows:
+            print(f"  [{preset}] no verdicts: every claim compares two loss combinations (for example aux against "
+                  f"aux+ortho+var), and --combos gave only {', '.join(study.combos)}")
         for r in rows:
             print(f"  [{preset}] {r['id']:<4} {r['verdict']:<14} {r['claim']}")
-    print(f"wrote {paths['dir']}/ ({', '.join([paths['markdown'], paths['json']] + paths['figures'])}) "
+    print(f"wrote {args.out}/ ({', '.join([paths['markdown'], paths['json']] + paths['figures'])}) "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -1,4 +1,5 @@
-"""The Lemma 1 variance/balance trade-off figure (matplotlib, headless)."""
+"""The Lemma 1 variance/balance trade-off figure (matplotlib's object-oriented API with an Agg canvas: it never
+switches the backend pyplot uses)."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,12 +21,12 @@ def tradeoff_data(rng, n_points: int = 11, cases=CASES) -> list[dict]:
 
 
 def plot_tradeoff(data, path) -> str:
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for d in data:
         rel = np.array(d["variance"]) / d["unconstrained"]
         ax.plot(d["t"], rel, marker="o", label=f"N={d['N']}, n={d['n']}, k={d['k']}")
@@ -36,5 +37,4 @@ def plot_tradeoff(data, path) -> str:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return str(path)
