@@ -1,0 +1,123 @@
+"""refmoe.study.stats: paired tests, Holm's correction, effect sizes and the verdict rule, against scipy and
+hand-computed values."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from refmoe.study import stats as S
+
+
+# ----------------------------------------------------------------------------------------------
+# one-sided tests
+# ----------------------------------------------------------------------------------------------
+
+def test_sign_test_hand_computed():
+    assert S.sign_test_p([1, 2, 3, 4, 5], +1) == pytest.approx(1 / 32)             # 5/5: 2^-5
+    assert S.sign_test_p([-1, -2, -3, -4, -5], -1) == pytest.approx(1 / 32)
+    assert S.sign_test_p([1, 2, 3, 4, 5], -1) == pytest.approx(1.0)
+    d = [1.0] * 9 + [-1.0]
+    assert S.sign_test_p(d, +1) == pytest.approx(11 / 1024)                        # C(10,9) + C(10,10)
+    assert S.sign_test_p([0.0, 1, 2, 3], +1) == pytest.approx(1 / 8)               # zero dropped: n = 3
+    assert S.sign_test_p([0.0, 0.0], +1) == 1.0
+    assert S.sign_test_p([1.0] * 12, +1) == pytest.approx(2.0 ** -12)
+
+
+def test_t_test_matches_the_formula():
+    d = np.array([0.3, 0.1, 0.4, -0.05, 0.2, 0.25])
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(d.size))
+    assert S.t_test_p(d, +1) == pytest.approx(sps.t.sf(t, d.size - 1), rel=1e-12)
+    assert S.t_test_p(d, -1) == pytest.approx(sps.t.cdf(t, d.size - 1), rel=1e-12)
+    assert math.isnan(S.t_test_p([2.0, 2.0, 2.0], +1))                             # constant: no t
+    assert math.isnan(S.t_test_p([2.0], +1))
+
+
+def test_wilcoxon_exact_hand_computed():
+    # no ties: W+ is the sum of the ranks of the positive differences; 2^5 equally likely sign patterns
+    assert S.wilcoxon_p([1, 2, 3, 4, 5], +1) == pytest.approx(1 / 32)
+    assert S.wilcoxon_p([-1, 2, 3, 4, 5], +1) == pytest.approx(2 / 32)             # W+ = 14: {2,3,4,5} and all
+    assert S.wilcoxon_p([-5, 1, 2, 3, 4], +1) == pytest.approx(10 / 32)            # W+ = 10
+    assert S.wilcoxon_p([-1, 2, 3, 4, 5], -1) == pytest.approx(31 / 32)            # P(W+ <= 14)
+    assert S.wilcoxon_p([0.0, 0.0], +1) == 1.0
+
+
+def test_two_sided():
+    assert S.two_sided(0.01, 0.995) == pytest.approx(0.02)
+    assert S.two_sided(0.7, 0.4) == pytest.approx(0.8)
+    assert S.two_sided(0.6, 0.6) == 1.0
+    assert math.isnan(S.two_sided(math.nan, 0.5))
+
+
+def test_direction_checked():
+    with pytest.raises(ValueError, match="direction"):
+        S.sign_test_p([1.0, 2.0], 0)
+    with pytest.raises(ValueError, match="at least one"):
+        S.paired_tests([], +1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Holm
+# ----------------------------------------------------------------------------------------------
+
+def test_holm_hand_computed():
+    # sorted 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> monotone 0.06)
+    assert S.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert S.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    adj = S.holm([0.01, math.nan, 0.02])                                          # NaN not counted: m = 2
+    assert adj[0] == pytest.approx(0.02) and math.isnan(adj[1]) and adj[2] == pytest.approx(0.02)
+    assert S.holm([]) == []
+
+
+def test_holm_never_below_raw_and_at_most_bonferroni():
+    p = np.random.default_rng(0).uniform(size=20) ** 3
+    adj = np.asarray(S.holm(p))
+    assert (adj >= p - 1e-15).all() and (adj <= np.minimum(1.0, 20 * p) + 1e-15).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# effect sizes
+# ----------------------------------------------------------------------------------------------
+
+def test_effect_size_and_bootstrap():
+    d = np.array([0.3, 0.1, 0.4, -0.05, 0.2, 0.25, 0.15, 0.35])
+    e = S.effect_size(d)
+    assert e["mean"] == pytest.approx(d.mean())
+    assert e["dz"] == pytest.approx(d.mean() / d.std(ddof=1))
+    lo, hi = e["mean_ci"]
+    assert lo < d.mean() < hi and d.min() <= lo and hi <= d.max()
+    # the percentile interval, drawn again by hand with the same generator
+    rng = np.random.default_rng(S.BOOT_SEED)
+    means = d[rng.integers(0, d.size, size=(S.N_BOOT, d.size))].mean(axis=1)
+    assert [lo, hi] == pytest.approx(list(np.percentile(means, [2.5, 97.5])))
+    assert S.effect_size(d) == e                                                   # fixed seed: reproducible
+    assert e["dz_ci"][0] < e["dz"] < e["dz_ci"][1]
+    assert all(math.isnan(v) for v in S.bootstrap_ci([1.0], "mean"))
+
+
+# ----------------------------------------------------------------------------------------------
+# one row and the verdict rule
+# ----------------------------------------------------------------------------------------------
+
+def test_paired_tests_row():
+    d = [0.2, 0.3, 0.1, 0.25, 0.4, 0.15, 0.22, 0.31, 0.18, 0.27, 0.33, 0.12]
+    r = S.paired_tests(d, +1)
+    assert (r["n"], r["n_claimed"], r["n_zero"]) == (12, 12, 0)
+    assert r["p_sign"] == pytest.approx(2.0 ** -12) and r["p_wilcoxon"] == pytest.approx(2.0 ** -12)
+    assert r["p_test"] == pytest.approx(2.0 ** -11)
+    assert math.isnan(S.paired_tests([1.0, math.nan], +1)["p_test"])            # a NaN seed: not measured
+
+
+def test_verdict_rule():
+    assert S.verdict(0.01, 0.001, 0.999) == "supported"
+    assert S.verdict(0.01, 0.999, 0.001) == "contradicted"
+    assert S.verdict(0.05, 0.001, 0.999) == "inconclusive"                         # not below alpha
+    assert S.verdict(0.3, 0.01, 0.99) == "inconclusive"
+    assert S.verdict(math.nan, 0.5, 0.5) == "not measured"
+    # 5 seeds all in the claimed direction: 2/32 two-sided, never below 0.05: too few seeds for any verdict
+    r = S.paired_tests([1, 2, 3, 4, 5], +1)
+    assert S.verdict(S.holm([r["p_test"]])[0], r["p_wilcoxon"], r["p_wilcoxon_opposite"]) == "inconclusive"
+    # 12 seeds, 28 rows all as strong: each survives Holm
+    r = S.paired_tests(np.arange(1.0, 13.0), -1)
+    adj = S.holm([r["p_test"]] * 28)
+    assert S.verdict(adj[0], r["p_wilcoxon"], r["p_wilcoxon_opposite"]) == "contradicted"
