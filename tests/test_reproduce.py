@@ -45,4 +45,4 @@ def test_flags_reach_the_study(tmp_path):
     assert st.d_model == 16                                   # --quick size where no flag was given
     args = build_parser().parse_args(["reproduce"])
     st = study_from_args(args)
-    assert st.n_experts == 16 and len(st.seeds) == 5
+    assert st.n_experts == 16 and len(st.seeds) == 11

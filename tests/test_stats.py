@@ -117,7 +117,10 @@ def test_verdict_rule():
     # 5 seeds all in the claimed direction: 2/32 two-sided, never below 0.05: too few seeds for any verdict
     r = S.paired_tests([1, 2, 3, 4, 5], +1)
     assert S.verdict(S.holm([r["p_test"]])[0], r["p_wilcoxon"], r["p_wilcoxon_opposite"]) == "inconclusive"
-    # 12 seeds, 28 rows all as strong: each survives Holm
-    r = S.paired_tests(np.arange(1.0, 13.0), -1)
+    # 11 seeds (the default), 28 rows all as strong: each survives Holm (2^-10 < 0.05 / 28)
+    r = S.paired_tests(np.arange(1.0, 12.0), -1)
     adj = S.holm([r["p_test"]] * 28)
     assert S.verdict(adj[0], r["p_wilcoxon"], r["p_wilcoxon_opposite"]) == "contradicted"
+    # 10 seeds cannot: 2^-9 > 0.05 / 28, so the first Holm step already fails
+    r = S.paired_tests(np.arange(1.0, 11.0), +1)
+    assert S.holm([r["p_test"]] * 28)[0] >= S.ALPHA

@@ -116,6 +116,7 @@ def sources_list(rows_by_preset: dict) -> list:
 
 def verdict_rule_lines(rows_by_preset: dict) -> list:
     m = next((r["family_size"] for rows in rows_by_preset.values() for r in rows), 0)
+    n = next((r["n"] for rows in rows_by_preset.values() for r in rows), 0)
     return [
         "How to read a verdict. Each claim is read from one paired difference per seed (the two loss combinations "
         "are fine-tuned from the same checkpoint on the same batches; C4 uses the per-seed RMSE minus the paper's "
@@ -126,8 +127,8 @@ def verdict_rule_lines(rows_by_preset: dict) -> list:
         f"- **supported**: Holm-adjusted p < {ST.ALPHA:g} and the effect goes the way the claim says.",
         f"- **contradicted**: Holm-adjusted p < {ST.ALPHA:g} and the effect goes the other way.",
         "- **inconclusive**: neither; the seeds do not settle the sign of the effect at this level (this is not "
-        "evidence of no effect). With S seeds the smallest two-sided p is 2^(1-S) (0.0625 for 5 seeds, 0.00049 for "
-        "12), so a run with few seeds cannot reach any other verdict.",
+        "evidence of no effect). With S seeds the smallest two-sided p is 2^(1-S) (0.0625 for 5 seeds, 0.00098 for "
+        f"11; here S = {n}: {2.0 ** (1 - n):.2g}), so a run with few seeds cannot reach any other verdict.",
         "- **not measured**: a difference is NaN in some seed.",
         "",
         "Beside the test: the exact sign test and the t-test (one-sided, in the claimed direction), and the effect "

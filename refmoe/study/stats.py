@@ -195,8 +195,9 @@ def paired_tests(d, direction: int) -> dict:
     """Everything about one row that does not depend on the other rows.
 
     n, n_claimed (seeds with the claimed sign), n_zero; one-sided p in the claimed direction of the sign test,
-    the t-test and the Wilcoxon test, and ``p_wilcoxon_opposite`` the other way; ``p_test``, the two-sided Wilcoxon p that goes into Holm's correction;
-    and the effect sizes. NaN differences give {'n': S, 'p_test': NaN, ...} (the row is not measured).
+    the t-test and the Wilcoxon test, and ``p_wilcoxon_opposite`` the other way; ``p_test``, the two-sided
+    Wilcoxon p that goes into Holm's correction; and the effect sizes. NaN differences give NaN p-values
+    (the row is not measured).
     """
     d = _diffs(d)
     _alternative(direction)
