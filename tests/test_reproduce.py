@@ -5,7 +5,8 @@ import os
 from refmoe.cli import main
 
 VERDICTS = {"supported", "contradicted", "inconclusive", "not measured"}
-CLAIMS = {"C1a", "C1a.nmi", "C1b", "C2", "C2.nmi", "C3", "C3'", "C4", "C5", "C6", "C6.nmi", "C7", "C8", "C9"}
+CLAIMS = {"C1a", "C1a.nmi", "C1b", "C2", "C2.nmi", "C3", "C3'", "C4", "C5", "C6", "C6.nmi", "C7", "C8", "C9", "C10a",
+          "C10b"}
 
 
 def test_quick_run_writes_a_complete_report(tmp_path, capsys):

@@ -56,6 +56,15 @@ def test_direction_checked():
         S.paired_tests([], +1)
 
 
+def test_kendall_trend():
+    assert S.kendall_trend([1.0, 2.0, 5.0, 9.0]) == pytest.approx(1.0)
+    assert S.kendall_trend([4.0, 3.0, 2.0], t=[0, 50, 100]) == pytest.approx(-1.0)
+    # 4 points, one discordant pair of 6: (5 - 1) / 6
+    assert S.kendall_trend([1.0, 3.0, 2.0, 4.0]) == pytest.approx(4 / 6)
+    assert math.isnan(S.kendall_trend([2.0, 2.0, 2.0])) and math.isnan(S.kendall_trend([1.0]))
+    assert math.isnan(S.kendall_trend([1.0, math.nan, 2.0]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Holm
 # ----------------------------------------------------------------------------------------------
@@ -117,10 +126,10 @@ def test_verdict_rule():
     # 5 seeds all in the claimed direction: 2/32 two-sided, never below 0.05: too few seeds for any verdict
     r = S.paired_tests([1, 2, 3, 4, 5], +1)
     assert S.verdict(S.holm([r["p_test"]])[0], r["p_wilcoxon"], r["p_wilcoxon_opposite"]) == "inconclusive"
-    # 11 seeds (the default), 28 rows all as strong: each survives Holm (2^-10 < 0.05 / 28)
+    # 11 seeds (the default), 32 rows (a default report) all as strong: each survives Holm (2^-10 < 0.05 / 32)
     r = S.paired_tests(np.arange(1.0, 12.0), -1)
-    adj = S.holm([r["p_test"]] * 28)
+    adj = S.holm([r["p_test"]] * 32)
     assert S.verdict(adj[0], r["p_wilcoxon"], r["p_wilcoxon_opposite"]) == "contradicted"
-    # 10 seeds cannot: 2^-9 > 0.05 / 28, so the first Holm step already fails
+    # 10 seeds cannot: 2^-9 > 0.05 / 32, so the first Holm step already fails
     r = S.paired_tests(np.arange(1.0, 11.0), +1)
-    assert S.holm([r["p_test"]] * 28)[0] >= S.ALPHA
+    assert S.holm([r["p_test"]] * 32)[0] >= S.ALPHA

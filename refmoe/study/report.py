@@ -57,6 +57,10 @@ def _row_numbers(r) -> str:
         return f"{what} from adding L_o {fmt(*r['a'])}, from adding L_v {fmt(*r['b'])}"
     if r["id"] == "C9":
         return f"mean cosine {fmt(*r['diff'])}; fraction of logged steps in conflict {fmt(*r['conflict'])}"
+    if r["id"] in ("C10a", "C10b"):
+        what = "L_aux share" if r["id"] == "C10a" else "-L_v"
+        return (f"Kendall tau {fmt(*r['diff'])}; {what} at the first logged step {fmt(*r['start'])}, "
+                f"at the last {fmt(*r['end'])}")
     if "a" not in r:
         return f"{fmt(*r['diff'])}"
     rel = "" if math.isnan(r.get("rel_pct", math.nan)) else f" ({r['rel_pct']:+.0f}%)"

@@ -10,6 +10,7 @@ sequences of floats; ``direction`` is +1 when the claim says d > 0 and -1 when i
     t_test_p           one-sample t-test of the differences, one-sided (scipy.stats.ttest_1samp)
     wilcoxon_p         signed-rank test of the differences, one-sided (scipy.stats.wilcoxon, exact for small S)
     two_sided          2 min(p_greater, p_less), capped at 1: the p-value of "the effect is not zero"
+    kendall_trend      Kendall's tau of a curve against time: one per-seed number for a "grows over training" claim
     holm               Holm's step-down adjustment of M p-values (family-wise error rate)
     bootstrap_ci       percentile bootstrap interval of a statistic of the differences (fixed rng seed)
     effect_size        mean difference and d_z = mean / sd, each with its bootstrap interval
@@ -104,6 +105,22 @@ def two_sided(p_greater: float, p_less: float) -> float:
     if math.isnan(p_greater) or math.isnan(p_less):
         return math.nan
     return min(1.0, 2.0 * min(p_greater, p_less))
+
+
+def kendall_trend(y, t=None) -> float:
+    r"""Kendall's tau-b between a curve y [T] and its time points t [T] (default 0..T-1), scipy.stats.kendalltau.
+
+    +1 when y only grows, -1 when it only falls; a rank statistic, so it does not care how the curve is scaled.
+    Used as one number per seed for a trend claim, whose seeds are then tested like paired differences.
+    NaN for T < 2, a constant curve, or any NaN in y.
+    """
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    t = np.arange(y.size, dtype=np.float64) if t is None else np.asarray(t, dtype=np.float64).reshape(-1)
+    if t.shape != y.shape:
+        raise ValueError(f"y {y.shape} and t {t.shape} must have the same length")
+    if y.size < 2 or np.isnan(y).any() or np.all(y == y[0]):
+        return math.nan
+    return float(sps.kendalltau(t, y).statistic)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -128,6 +128,8 @@ SRC_COMPAT = ("paper: abstract, the objectives 'are compatible with the existing
 SRC_DISCRIM = "paper: Sec. 3.3 / App. C.2, better-separated x~ make p_ij = g_y . x~_ij more discriminative"
 SRC_OWN = ("refmoe's own: a reading of the roles the abstract gives the losses (L_o: 'experts process distinct "
            "types of tokens', L_v: 'more discriminative routing decisions'); the paper reports no such comparison")
+SRC_OBS2 = ("paper: Obs. II (Eqs. 4/23, 24): once experts are alike, the router's gradient is close to alpha "
+            "dL_aux/dtheta_R alone, and routing grows uniform; refmoe reads it as a trend over aux-only fine-tuning")
 SRC_NMI = ("refmoe's own measure of the same claim: overlap is computed on the outputs L_o pushes apart; "
            "NMI(cluster; top-1 expert) is not optimised by any term")
 
@@ -216,6 +218,22 @@ def _raw_rows(per_seed: list, preset: str, combos) -> list:
         add("C9", "L_v's router gradient does not pull against L_aux's (gradient-level compatibility)", SRC_COMPAT,
             "router cosine of the L_aux and L_v gradients, mean over logged steps of aux+ortho+var", m, +1,
             diff=list(mean_sd(m)), conflict=list(mean_sd(frac)))
+    if "aux" in have and per_seed[0]["finetune"][preset]["aux"]["logs"]:
+        runs = [s["finetune"][preset]["aux"] for s in per_seed]
+        steps = [[log["step"] for log in run["logs"]] for run in runs]
+        share = [[log["norms"]["router"]["aux"] / max(log["norms"]["router"]["aux"] + log["norms"]["router"]["task"],
+                                                      1e-300) for log in run["logs"]] for run in runs]
+        var = [[-log["losses"]["var"] for log in run["logs"]] for run in runs]
+        tau_share = [ST.kendall_trend(y, t) for y, t in zip(share, steps)]
+        tau_var = [ST.kendall_trend(y, t) for y, t in zip(var, steps)]
+        add("C10a", "under aux-only fine-tuning L_aux's share of the router gradient grows (Obs. II)", SRC_OBS2,
+            "Kendall tau over logged steps of |alpha g_aux| / (|alpha g_aux| + |g_task|) on the router, aux",
+            tau_share, +1, diff=list(mean_sd(tau_share)),
+            start=list(mean_sd([y[0] for y in share])), end=list(mean_sd([y[-1] for y in share])))
+        add("C10b", "under aux-only fine-tuning routing grows more uniform over training (Obs. II)", SRC_OBS2,
+            "Kendall tau over logged steps of the batch routing variance -L_v (the preset's form), aux",
+            tau_var, -1, diff=list(mean_sd(tau_var)),
+            start=list(mean_sd([y[0] for y in var])), end=list(mean_sd([y[-1] for y in var])))
     return rows
 
 
