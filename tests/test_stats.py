@@ -7,6 +7,7 @@ import pytest
 from scipy import stats as sps
 
 from refmoe.study import stats as S
+from refmoe.study.summary import claim_rows, mean_sd, report_claims
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,3 +134,76 @@ def test_verdict_rule():
     # 10 seeds cannot: 2^-9 > 0.05 / 32, so the first Holm step already fails
     r = S.paired_tests(np.arange(1.0, 11.0), +1)
     assert S.holm([r["p_test"]] * 32)[0] >= S.ALPHA
+
+
+# ----------------------------------------------------------------------------------------------
+# the claim rows of refmoe.study.summary on hand-made per-seed results
+# ----------------------------------------------------------------------------------------------
+
+COMBOS = ("none", "aux", "aux+ortho", "aux+var", "aux+ortho+var", "ortho+var")
+KEYS = ("task", "maxvio_global", "rv_eq42", "rv_per_token", "overlap", "silhouette", "mi_bits", "nmi", "nmi_arith",
+        "sel_cos", "all_cos", "discrim")
+
+
+def _fake(evals_by_combo_per_seed, curves_per_seed):
+    """per_seed results with given narrow-domain metrics (combo -> metric -> value) and MaxVio curves, preset
+    'paper' only, no logged steps (so no gradient or trend rows)."""
+    out = []
+    for evals, curves in zip(evals_by_combo_per_seed, curves_per_seed):
+        ft = {}
+        for c, ev in evals.items():
+            full = {k: 0.0 for k in KEYS}
+            full.update(ev)
+            ft[c] = {"eval": {"narrow": full, "broad": full}, "maxvio": curves.get(c, [0.0] * 20),
+                     "task": [0.0] * 20, "logs": []}
+        out.append({"finetune": {"paper": ft}})
+    return out
+
+
+def _hand_made(n_seeds):
+    seeds, curves = [], []
+    for s in range(n_seeds):
+        e = 0.001 * (s + 1)                           # distinct per seed: no tied differences
+        flip = 0.01 * (s + 1) * (1 if s % 2 == 0 else -1)
+        seeds.append({
+            "none": {"overlap": 0.2, "rv_per_token": 0.05 + e},
+            "aux": {"overlap": 0.6 + e, "rv_per_token": 0.01, "discrim": 0.1},
+            "aux+ortho": {"overlap": 0.3, "rv_per_token": 0.011, "discrim": 0.3 + e},
+            "aux+var": {"overlap": 0.55 + 0.5 * e, "rv_per_token": 0.03 + e},
+            "aux+ortho+var": {"overlap": 0.6 + e + flip, "rv_per_token": 0.005 + 0.1 * e, "maxvio_global": 0.3},
+            "ortho+var": {"maxvio_global": 1.2 + e},
+        })
+        curves.append({"aux": [0.2] * 20, "aux+ortho+var": [0.22 + 0.5 * e] * 20, "none": [1.0] * 20})
+    return _fake(seeds, curves)
+
+
+def test_claim_rows_verdicts_on_hand_made_results():
+    rows = {r["id"]: r for r in claim_rows(_hand_made(11), "paper", COMBOS)}
+    assert {r["verdict"] for r in rows.values()} <= set(S.VERDICTS)
+    assert rows["C1a"]["verdict"] == "supported"            # overlap 0.2 -> 0.6 in every seed
+    assert rows["C1b"]["verdict"] == "supported"            # rv 0.05 -> 0.01
+    assert rows["C2"]["verdict"] == "inconclusive"          # overlap +-0.01 (s + 1), alternating: no sign
+    assert rows["C3"]["verdict"] == "contradicted"          # claim: rv up; it went down in every seed
+    assert rows["C4"]["verdict"] == "supported"             # RMSE 0.02 .. 0.0255, below the bound 0.03
+    assert rows["C4"]["rmse"][0] == pytest.approx(0.02 + 0.0005 * 6)
+    assert rows["C5"]["verdict"] == "supported"
+    assert rows["C6"]["verdict"] == "supported"             # +L_o lowers overlap by ~0.3, +L_v by ~0.05
+    assert rows["C7"]["verdict"] == "supported"             # +L_v raises rv by ~0.02, +L_o by 0.001
+    assert rows["C8"]["verdict"] == "supported"
+    assert rows["C2.nmi"]["verdict"] == "inconclusive"      # NMI the same in every run: every difference a tie
+    assert rows["C2.nmi"]["n_zero"] == 11 and rows["C2.nmi"]["p_test"] == 1.0
+    c3 = rows["C3"]
+    assert (c3["n"], c3["n_claimed"], c3["direction"]) == (11, 0, 1)
+    assert c3["p_sign"] == pytest.approx(1.0) and c3["p_test"] == pytest.approx(2.0 ** -10)
+    # Holm over the whole report: every row's adjusted p is at least its own and the family is every row
+    assert all(r["p_holm"] >= r["p_test"] - 1e-15 for r in rows.values() if not math.isnan(r["p_test"]))
+    assert {r["family_size"] for r in rows.values()} == {len(rows)}
+    assert report_claims(_hand_made(11), COMBOS)["paper"] == list(rows.values())
+    assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_too_few_seeds_are_inconclusive_whatever_the_data():
+    rows = claim_rows(_hand_made(5), "paper", COMBOS)
+    assert {r["verdict"] for r in rows} == {"inconclusive"}
+    with pytest.raises(ValueError, match="preset"):
+        claim_rows(_hand_made(5), "authors_code", COMBOS)
