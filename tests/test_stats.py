@@ -41,6 +41,20 @@ def test_wilcoxon_exact_hand_computed():
     assert S.wilcoxon_p([-5, 1, 2, 3, 4], +1) == pytest.approx(10 / 32)            # W+ = 10
     assert S.wilcoxon_p([-1, 2, 3, 4, 5], -1) == pytest.approx(31 / 32)            # P(W+ <= 14)
     assert S.wilcoxon_p([0.0, 0.0], +1) == 1.0
+    # ties in |d| as midranks: d = 1, 1, 2 -> ranks 1.5, 1.5, 3; only the all-positive pattern reaches W+ = 6
+    assert S.wilcoxon_p([1.0, 1.0, 2.0], +1) == pytest.approx(1 / 8)
+    assert S.wilcoxon_p([-1.0, 1.0, 2.0], +1) == pytest.approx(3 / 8)            # W+ = 4.5: {1.5,3}x2, {all}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_wilcoxon_matches_scipy_exact_without_ties(seed):
+    d = np.random.default_rng(seed).normal(0.3, 1.0, size=11)
+    for direction, alt in ((1, "greater"), (-1, "less")):
+        ref = sps.wilcoxon(d, alternative=alt, method="exact").pvalue
+        assert S.wilcoxon_p(d, direction) == pytest.approx(ref, rel=1e-12)
+    big = np.random.default_rng(seed).normal(0.3, 1.0, size=S.EXACT_MAX + 4)        # normal approximation
+    assert S.wilcoxon_p(big, 1) == pytest.approx(sps.wilcoxon(big, alternative="greater",
+                                                              method="approx").pvalue)
 
 
 def test_two_sided():
