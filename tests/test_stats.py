@@ -221,3 +221,14 @@ def test_too_few_seeds_are_inconclusive_whatever_the_data():
     assert {r["verdict"] for r in rows} == {"inconclusive"}
     with pytest.raises(ValueError, match="preset"):
         claim_rows(_hand_made(5), "authors_code", COMBOS)
+
+
+def test_report_environment_lines():
+    from refmoe.study.report import environment, environment_lines
+
+    e = environment()
+    assert {"python", "numpy", "scipy", "blas", "blas_threads", "platform", "cpus"} <= set(e)
+    assert e["blas_threads"] is None or e["blas_threads"] >= 1
+    lines = environment_lines(e)
+    assert lines[0].startswith(f"- Python {e['python']}, NumPy {e['numpy']}") and "BLAS" in lines[0]
+    assert "unknown thread" in environment_lines({**e, "blas_threads": None, "thread_env": {}})[0]

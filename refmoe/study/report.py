@@ -175,24 +175,30 @@ def _blas_threads():
     return None
 
 
-def environment_lines() -> list:
-    """Python, NumPy, SciPy, the BLAS NumPy was built with and its thread count, the platform."""
+def environment() -> dict:
+    """Python, NumPy, SciPy, the BLAS NumPy was built with and its thread count (None where unknown), platform."""
     import scipy
 
     blas = "unknown"
     try:
         b = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         blas = f"{b.get('name', '?')} {b.get('version', '')}".strip()
-    except Exception:
+    except Exception:                          # older NumPy: no mode="dicts"
         pass
-    threads = _blas_threads()
     env = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
-    t = "unknown" if threads is None else str(threads)
-    if env:
-        t += " (" + ", ".join(f"{k}={v}" for k, v in env.items()) + ")"
-    return [f"- Python {platform.python_version()}, NumPy {np.__version__}, SciPy {scipy.__version__}; BLAS "
-            f"{blas}, {t} thread(s)",
-            f"- Platform {platform.platform()}, {platform.machine()}, {os.cpu_count()} logical CPU(s)"]
+    return {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
+            "blas": blas, "blas_threads": _blas_threads(), "thread_env": env, "platform": platform.platform(),
+            "machine": platform.machine(), "cpus": os.cpu_count()}
+
+
+def environment_lines(env: dict | None = None) -> list:
+    """``environment()`` as two markdown list lines."""
+    e = environment() if env is None else env
+    t = "unknown" if e["blas_threads"] is None else str(e["blas_threads"])
+    if e["thread_env"]:
+        t += " (" + ", ".join(f"{k}={v}" for k, v in e["thread_env"].items()) + ")"
+    return [f"- Python {e['python']}, NumPy {e['numpy']}, SciPy {e['scipy']}; BLAS {e['blas']}, {t} thread(s)",
+            f"- Platform {e['platform']}, {e['machine']}, {e['cpus']} logical CPU(s)"]
 
 
 def _is_quick(study) -> bool:
@@ -355,7 +361,7 @@ def write_report(result: StudyResult, out_dir: str, *, figures: bool = True) -> 
         has_sweep = any(r["factor"] != 1.0 for sw in result.sweep.values() for r in sw["rows"])
         names = save_all(result.summary, out_dir, sweep=result.sweep if has_sweep else None)
     payload = {"config": result.study._asdict(), "seconds": result.seconds, "eval_keys": list(EVAL_KEYS),
-               "environment": environment_lines(), "verdict_rule": verdict_rule_lines(result.claims),
+               "environment": environment(), "verdict_rule": verdict_rule_lines(result.claims),
                "summary": result.summary, "claims": result.claims, "sweep": result.sweep,
                "per_seed": result.per_seed}
     write_json(os.path.join(out_dir, "results.json"), payload)
