@@ -117,6 +117,7 @@ def test_effect_size_and_bootstrap():
     assert S.effect_size(d) == e                                                   # fixed seed: reproducible
     assert e["dz_ci"][0] < e["dz"] < e["dz_ci"][1]
     assert all(math.isnan(v) for v in S.bootstrap_ci([1.0], "mean"))
+    assert all(math.isnan(v) for v in S.bootstrap_ci([1.0, 2.0], "dz"))            # 2 seeds: no interval
 
 
 # ----------------------------------------------------------------------------------------------

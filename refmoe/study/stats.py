@@ -184,7 +184,7 @@ def bootstrap_ci(d, statistic: str = "mean", *, n_boot: int = N_BOOT, level: flo
     Draws n_boot resamples of the S seeds with replacement (``numpy.random.default_rng(seed)``, so the
     interval is a function of d), computes the statistic on each, and returns the (1-level)/2 and
     (1+level)/2 percentiles. Resamples where d_z is undefined (sd = 0) are left out. Returns (lo, hi);
-    (NaN, NaN) for S < 2. With S = 12 seeds the interval is rough: it says how stable the sign is,
+    (NaN, NaN) for S < 2 (S < 3 for d_z). With S = 12 seeds the interval is rough: it says how stable the sign is,
     not a precise coverage.
     """
     d = _diffs(d)
@@ -193,7 +193,7 @@ def bootstrap_ci(d, statistic: str = "mean", *, n_boot: int = N_BOOT, level: flo
     if not 0.0 < level < 1.0:
         raise ValueError(f"level={level!r} must be in (0, 1)")
     S = d.size
-    if S < 2:
+    if S < 2 or (statistic == "dz" and S < 3):      # 2 seeds: every resample with an sd has the same d_z
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     sample = d[rng.integers(0, S, size=(n_boot, S))]                   # [n_boot, S]
