@@ -86,6 +86,28 @@ def test_mutual_information(xp):
     assert M.mutual_information(a, b, normalized=True) == pytest.approx(0.5)
 
 
+def test_normalized_mutual_information(xp):
+    # 4 clusters, each sent to its own pair of experts: the expert determines the cluster (first = 1), but
+    # H(expert) = 3 bits > H(cluster) = 2 bits, so the symmetric forms are below 1
+    cl = xp.asarray(np.repeat(np.arange(4), 2))
+    ex = xp.asarray(np.arange(8))
+    assert M.normalized_mutual_information(cl, ex) == pytest.approx(1.0)
+    assert M.normalized_mutual_information(cl, ex, average="arithmetic") == pytest.approx(2.0 / 2.5)
+    assert M.normalized_mutual_information(cl, ex, average="geometric") == pytest.approx(2.0 / math.sqrt(6.0))
+    assert M.normalized_mutual_information(cl, ex, average="max") == pytest.approx(2.0 / 3.0)
+    assert M.normalized_mutual_information(cl, ex, average="min") == pytest.approx(1.0)
+    # a 2 x 2 table with p = [[3, 1], [1, 3]] / 8: I = 1 - H_b(1/4) bits, H(A) = H(B) = 1 bit
+    a = xp.asarray(np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+    b = xp.asarray(np.array([0, 0, 0, 1, 1, 1, 1, 0]))
+    hb = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))
+    for avg in M.NMI_AVERAGES:
+        assert M.normalized_mutual_information(a, b, average=avg) == pytest.approx(1.0 - hb)
+    assert M.normalized_mutual_information(cl, ex) == pytest.approx(M.mutual_information(cl, ex, normalized=True))
+    assert M.normalized_mutual_information(xp.asarray(np.zeros(4, dtype=np.int64)), ex[:4]) == 0.0
+    with pytest.raises(ValueError, match="average"):
+        M.normalized_mutual_information(cl, ex, average="mean")
+
+
 def test_expert_output_cosines(xp):
     outs = on(xp, np.array([[[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]]))        # [N=1, E=3, D=2]
     C = host(M.expert_output_cosine(outs))

@@ -8,8 +8,9 @@ import pytest
 
 from refmoe.cli import main
 
-VERDICTS = {"supported", "mixed", "not supported", "not measured"}
-CLAIMS = {"C1a", "C1b", "C2", "C3", "C3'", "C4", "C5", "C6", "C7", "C8"}
+VERDICTS = {"supported", "contradicted", "inconclusive", "not measured"}
+CLAIMS = {"C1a", "C1a.nmi", "C1b", "C2", "C2.nmi", "C3", "C3'", "C4", "C5", "C6", "C6.nmi", "C7", "C8", "C9", "C10a",
+          "C10b"}
 # a study of a few seconds: 2 seeds x (pre-training + 1 preset x 2 combos) = 6 training runs
 TINY = ["--quick", "--pretrain-steps", "4", "--finetune-steps", "3", "--log-every", "2", "--presets", "paper",
         "--combos", "aux", "aux+ortho+var", "--sweep", "--eval-tokens", "64", "--no-figures"]
@@ -30,8 +31,10 @@ def test_quick_run_writes_a_complete_report(tmp_path, capsys):
         assert {r["id"] for r in rows} == CLAIMS
         assert all(r["verdict"] in VERDICTS for r in rows)
         assert all(len(r["per_seed"]) == 2 for r in rows)
+        assert all(r["verdict"] == "inconclusive" for r in rows)        # 2 seeds: no p below 0.05 is possible
     md = (out / "report.md").read_text()
-    assert "## Verdicts" in md and md.count("| C2 ") == 2
+    assert "## Verdicts" in md and md.count("| C2 ") == 4          # verdicts and evidence, 2 presets each
+    assert "Smoke test, not evidence" in md and "**contradicted**" in md and "Holm" in md
     # 2 seeds x (pre-training + 2 presets x (6 combos + 1 sweep run)) = 30, each announced once when piped
     assert "= 30 training runs" in printed
     runs = [ln for ln in printed.splitlines() if ln.startswith("run ")]
@@ -155,8 +158,9 @@ def test_a_single_combination_says_why_there_is_no_verdict(tmp_path, capsys):
     flags = [f for f in TINY if f != "aux+ortho+var"]
     assert main(["reproduce", *flags, "--out", str(tmp_path / "rep")]) == 0
     printed = capsys.readouterr().out
-    assert "[paper] no verdicts: every claim compares two loss combinations" in printed
+    assert "[paper] only 2 verdict(s): the other claims compare two loss combinations" in printed
     assert "--combos gave only aux" in printed
+    assert "[paper] C10a" in printed and "[paper] C2 " not in printed      # only the aux-only trend claims
 
 
 def test_flags_reach_the_study(tmp_path):
@@ -170,12 +174,12 @@ def test_flags_reach_the_study(tmp_path):
     assert st.d_model == 16                                   # --quick size where no flag was given
     args = build_parser().parse_args(["reproduce"])
     st = study_from_args(args)
-    assert st.n_experts == 16 and len(st.seeds) == 5
+    assert st.n_experts == 16 and len(st.seeds) == 11
 
 
 def test_default_study_counts_every_run_it_trains():
     from refmoe.study.runner import StudyConfig, count_runs, count_steps
 
     st = StudyConfig()
-    assert count_runs(st) == 5 * (1 + 2 * (6 + 3)) == 95      # the sweep's runs included
-    assert count_steps(st) == 5 * (300 + 2 * 9 * 300)
+    assert count_runs(st) == 11 * (1 + 2 * (6 + 3)) == 209      # the sweep's runs included
+    assert count_steps(st) == 11 * (300 + 2 * 9 * 300)

@@ -13,7 +13,6 @@ from refmoe.objective import PRESETS, objective_forward_backward
 from refmoe.study import data as D
 from refmoe.study.optim import AdamConfig, adam_init
 from refmoe.study.runner import StudyConfig, run_seed
-from refmoe.study.summary import claim_rows, mean_sd
 from refmoe.study.train import COMBOS, RunId, combo_objective, train_phase, train_step
 
 from helpers import host
@@ -116,54 +115,6 @@ def test_run_seed_same_batches_for_every_combination():
     assert sum(ev["loads"]) == st.eval_tokens * st.top_k
     # one status line per logging step: pre-training at steps 1, 3, 6, 8; 2 presets x 2 combos at 1, 3, 6
     assert len(lines) == 4 + 2 * 2 * 3
-
-
-def _fake(evals_by_combo_per_seed, curves=None):
-    """per_seed results with given narrow-domain metrics (dict combo -> dict metric -> value, per seed)."""
-    out = []
-    for s, evals in enumerate(evals_by_combo_per_seed):
-        ft = {}
-        for c, ev in evals.items():
-            full = {k: 0.0 for k in ("task", "maxvio_global", "rv_eq42", "rv_per_token", "overlap", "silhouette",
-                                      "mi_bits", "nmi", "sel_cos", "all_cos", "discrim")}
-            full.update(ev)
-            ft[c] = {"eval": {"narrow": full, "broad": full}, "maxvio": (curves or {}).get(c, [0.0] * 20),
-                     "task": [0.0] * 20, "logs": []}
-        out.append({"finetune": {"paper": ft}})
-    return out
-
-
-def test_verdicts_on_hand_made_results():
-    combos = ("none", "aux", "aux+ortho", "aux+var", "aux+ortho+var", "ortho+var")
-    seeds = []
-    for shift in (0.0, 0.01):
-        seeds.append({
-            "none": {"overlap": 0.2, "rv_per_token": 0.05},
-            "aux": {"overlap": 0.6 + shift, "rv_per_token": 0.01, "discrim": 0.1},
-            "aux+ortho": {"overlap": 0.3, "rv_per_token": 0.011, "discrim": 0.3},
-            "aux+var": {"overlap": 0.55, "rv_per_token": 0.03},
-            # overlap down in one seed only (0.59 < 0.6; 0.62 > 0.61): "mixed"
-            "aux+ortho+var": {"overlap": 0.59 if shift == 0 else 0.62 - 0.1, "rv_per_token": 0.005,
-                              "maxvio_global": 0.3},
-            "ortho+var": {"maxvio_global": 1.2},
-        })
-    seeds[1]["aux+ortho+var"]["overlap"] = 0.62
-    per_seed = _fake(seeds, curves={"aux": [0.2] * 20, "aux+ortho+var": [0.22] * 20, "none": [1.0] * 20})
-    rows = {r["id"]: r for r in claim_rows(per_seed, "paper", combos)}
-    assert rows["C1a"]["verdict"] == "supported"            # overlap 0.2 -> 0.6
-    assert rows["C1b"]["verdict"] == "supported"            # rv 0.05 -> 0.01
-    assert rows["C2"]["verdict"] == "not supported"         # mean diff (-0.01 + 0.01) / 2 = 0 -> not supported
-    assert rows["C3"]["verdict"] == "not supported"         # rv went down
-    assert rows["C4"]["verdict"] == "supported" and rows["C4"]["diff"][0] == pytest.approx(0.02)
-    assert rows["C5"]["verdict"] == "supported"
-    assert rows["C6"]["verdict"] == "supported"             # +L_o lowers overlap by ~0.3, +L_v by ~0.05
-    assert rows["C7"]["verdict"] == "supported"             # +L_v raises rv by 0.02, +L_o by 0.001
-    assert rows["C8"]["verdict"] == "supported"
-    seeds[1]["aux+ortho+var"]["overlap"] = 0.50             # now -0.01 and -0.11: mean down, both seeds agree
-    assert {r["id"]: r for r in claim_rows(_fake(seeds), "paper", combos)}["C2"]["verdict"] == "supported"
-    seeds[0]["aux+ortho+var"]["overlap"] = 0.65             # +0.05 and -0.11: mean down, one seed disagrees
-    assert {r["id"]: r for r in claim_rows(_fake(seeds), "paper", combos)}["C2"]["verdict"] == "mixed"
-    assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
 
 
 def test_all_expert_outputs_agree_with_the_layer(backend):

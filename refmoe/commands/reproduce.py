@@ -228,12 +228,13 @@ def run(args) -> int:
         raise
 
     print(f"\nverdicts (details in {args.out}/report.md):")
+    width = max((len(r["id"]) for rows in result.claims.values() for r in rows), default=4)
     for preset, rows in result.claims.items():
-        if not rows:
-            print(f"  [{preset}] no verdicts: every claim compares two loss combinations (for example aux against "
-                  f"aux+ortho+var), and --combos gave only {', '.join(study.combos)}")
+        if len(study.combos) < 2:
+            print(f"  [{preset}] only {len(rows)} verdict(s): the other claims compare two loss combinations (for "
+                  f"example aux against aux+ortho+var), and --combos gave only {', '.join(study.combos)}")
         for r in rows:
-            print(f"  [{preset}] {r['id']:<4} {r['verdict']:<14} {r['claim']}")
+            print(f"  [{preset}] {r['id']:<{width}} {r['verdict']:<14} {r['claim']}")
     print(f"wrote {args.out}/ ({', '.join([paths['markdown'], paths['json']] + paths['figures'])}) "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -11,6 +11,7 @@ For each held-out set (``narrow`` and ``broad``) of the experiment:
     overlap, silhouette  on the unweighted outputs x~_ij of (token, selected expert) pairs, labelled by the
                       expert j, for a fixed random subset of tokens (k = 10 neighbours, Euclidean)
     mi_bits, nmi      mutual information between the true cluster and the top-1 expert (bits; / H(cluster))
+    nmi_arith         the same divided by (H(cluster) + H(top-1 expert)) / 2 (scikit-learn's default NMI)
     sel_cos           mean |cos| between a token's K selected experts' outputs (what L_o acts on)
     all_cos           mean off-diagonal cosine between all E experts' outputs on the same tokens
     discrim           routing_discriminativeness of p_ij = g_yi . x~_ij with the task gradient of this set
@@ -25,8 +26,9 @@ from ..layer import moe_forward
 from ..losses.task import mse_backward, mse_forward
 from . import data as D_
 from .alignment import routing_discriminativeness
-from .metrics import (expert_output_cosine, expert_overlap, max_vio, mutual_information, routing_variance_eq42,
-                      routing_variance_per_token, selected_output_cosine, silhouette)
+from .metrics import (expert_output_cosine, expert_overlap, max_vio, mutual_information,
+                      normalized_mutual_information, routing_variance_eq42, routing_variance_per_token,
+                      selected_output_cosine, silhouette)
 
 OVERLAP_K = 10
 
@@ -64,7 +66,8 @@ def evaluate_set(params: dict, cfg, batch: D_.Batch, n_points: int, rng) -> dict
         "overlap": expert_overlap(emb, lab, OVERLAP_K),
         "silhouette": silhouette(emb, lab) if has_two else float("nan"),
         "mi_bits": mutual_information(batch.cluster, cache.topk_idx[:, 0]),
-        "nmi": mutual_information(batch.cluster, cache.topk_idx[:, 0], normalized=True),
+        "nmi": normalized_mutual_information(batch.cluster, cache.topk_idx[:, 0]),
+        "nmi_arith": normalized_mutual_information(batch.cluster, cache.topk_idx[:, 0], average="arithmetic"),
         "sel_cos": selected_output_cosine(cache.expert_out),
         "all_cos": float(off.mean()) if off.size else float("nan"),
         "discrim": routing_discriminativeness(dy, cache.expert_out),

@@ -194,6 +194,38 @@ def mutual_information(a, b, *, normalized: bool = False) -> float:
     return mi / h if h > 0 else 0.0
 
 
+def _entropy_bits(labels: np.ndarray) -> float:
+    """H(A) in bits of host integer labels [N] (plug-in)."""
+    _, counts = np.unique(labels, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+NMI_AVERAGES = ("first", "arithmetic", "geometric", "min", "max")
+
+
+def normalized_mutual_information(a, b, *, average: str = "first") -> float:
+    r"""I(A; B) / norm(H(A), H(B)) from paired integer labels a, b [N] (plug-in estimates).
+
+    average  "first":      norm = H(A)            (the uncertainty coefficient of A given B)
+             "arithmetic": norm = (H(A) + H(B))/2  (scikit-learn's normalized_mutual_info_score default)
+             "geometric":  sqrt(H(A) H(B));  "min", "max": of the two
+
+    The study calls it with a = the true cluster, b = the top-1 expert, and reports "first": 1 when the top-1
+    expert determines the cluster, whatever the number of experts a cluster is spread over. That makes it a
+    measure of specialisation that load balancing does not lower by itself (spreading a cluster over more
+    experts raises H(B), which "arithmetic" would count against it), and one that L_o does not optimise:
+    L_o acts on expert outputs, not on which cluster reaches which expert. 0 when norm = 0.
+    """
+    if average not in NMI_AVERAGES:
+        raise ValueError(f"average={average!r}; expected one of {NMI_AVERAGES}")
+    mi = mutual_information(a, b)                                  # checks shapes and backends
+    ha, hb = _entropy_bits(to_numpy(a)), _entropy_bits(to_numpy(b))
+    norm = {"first": ha, "arithmetic": 0.5 * (ha + hb), "geometric": math.sqrt(ha * hb),
+            "min": min(ha, hb), "max": max(ha, hb)}[average]
+    return mi / norm if norm > 0 else 0.0
+
+
 def expert_output_cosine(outputs):
     r"""Mean cosine similarity of experts' outputs on the same tokens.  outputs [N, E, D] -> [E, E].
 

@@ -7,6 +7,7 @@ JSON floats are rounded to 6 significant digits; NaN is written as NaN (Python's
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -15,9 +16,10 @@ import platform
 import numpy as np
 
 from ..backend import device_description
+from . import stats as ST
 from .alignment import GROUPS
 from .runner import StudyResult
-from .summary import EVAL_KEYS, fmt
+from .summary import EVAL_KEYS, MAXVIO_RMSE_BOUND, fmt
 
 # ----------------------------------------------------------------------------------------------
 # results.json and the claims table
@@ -48,28 +50,180 @@ def write_json(path, obj):
 
 def _row_numbers(r) -> str:
     if r["id"] == "C4":
-        return (f"RMSE {fmt(*r['diff'])} (unsmoothed {fmt(*r['raw'])}); for scale, none vs aux "
+        return (f"RMSE {fmt(*r['rmse'])} (unsmoothed {fmt(*r['raw'])}); for scale, none vs aux "
                 f"{fmt(*r['reference'])}")
-    if r["id"] == "C6":
-        return f"overlap drop from adding L_o {fmt(*r['a'])}, from adding L_v {fmt(*r['b'])}"
-    if r["id"] == "C7":
-        return f"variance rise from adding L_o {fmt(*r['a'])}, from adding L_v {fmt(*r['b'])}"
-    rel = "" if math.isnan(r["rel_pct"]) else f" ({r['rel_pct']:+.0f}%)"
+    if r["id"] in ("C6", "C6.nmi", "C7"):
+        what = {"C6": "overlap drop", "C6.nmi": "NMI rise", "C7": "variance rise"}[r["id"]]
+        return f"{what} from adding L_o {fmt(*r['a'])}, from adding L_v {fmt(*r['b'])}"
+    if r["id"] == "C9":
+        return f"mean cosine {fmt(*r['diff'])}; fraction of logged steps in conflict {fmt(*r['conflict'])}"
+    if r["id"] in ("C10a", "C10b"):
+        what = "L_aux share" if r["id"] == "C10a" else "-L_v"
+        return (f"Kendall tau {fmt(*r['diff'])}; {what} at the first logged step {fmt(*r['start'])}, "
+                f"at the last {fmt(*r['end'])}")
+    if "a" not in r:
+        return f"{fmt(*r['diff'])}"
+    rel = "" if math.isnan(r.get("rel_pct", math.nan)) else f" ({r['rel_pct']:+.0f}%)"
     return f"{fmt(*r['a'])} -> {fmt(*r['b'])}{rel}"
 
 
+def _p(v) -> str:
+    """A p-value for a table: 3 significant digits, NaN as n/a."""
+    return "n/a" if v is None or math.isnan(v) else f"{v:.3g}"
+
+
+def _ci(e, lo_hi) -> str:
+    if math.isnan(e):
+        return "n/a"
+    lo, hi = lo_hi
+    return f"{e:.3g} [{lo:.3g}, {hi:.3g}]" if not (math.isnan(lo) or math.isnan(hi)) else f"{e:.3g} [n/a]"
+
+
 def claims_table(rows_by_preset: dict) -> str:
-    lines = ["| claim | preset | numbers (mean +/- sd over seeds) | paper | verdict |", "|---|---|---|---|---|"]
+    """Claim, preset, the numbers, the paper's number, Holm-adjusted p and the verdict, one row per claim."""
+    lines = ["| claim | preset | numbers (mean +/- sd over seeds) | paper | Holm p | verdict |",
+             "|---|---|---|---|---|---|"]
     for preset, rows in rows_by_preset.items():
         for r in rows:
             lines.append(f"| {r['id']} {r['claim']} | {preset} | {_row_numbers(r)} | {r['paper']} | "
-                         f"**{r['verdict']}** |")
+                         f"{_p(r['p_holm'])} | **{r['verdict']}** |")
     return "\n".join(lines)
+
+
+def evidence_table(rows_by_preset: dict) -> str:
+    """Per claim: the paired differences, how many seeds have the claimed sign, the three tests' one-sided p in
+    the claimed direction, the two-sided p and its Holm adjustment, the effect sizes with their intervals."""
+    lines = ["| claim | preset | differences per seed (claimed sign) | n | claimed sign in | p sign | p t | "
+             "p Wilcoxon | p two-sided | Holm p | mean diff [95% CI] | d_z [95% CI] | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for preset, rows in rows_by_preset.items():
+        for r in rows:
+            sign = "> 0" if r["direction"] > 0 else "< 0"
+            diffs = ", ".join(f"{v:.2g}" for v in r["per_seed"])
+            lines.append(f"| {r['id']} | {preset} | {diffs} ({sign}) | {r['n']} | {r['n_claimed']}/{r['n']} | "
+                         f"{_p(r['p_sign'])} | {_p(r['p_t'])} | {_p(r['p_wilcoxon'])} | {_p(r['p_test'])} | "
+                         f"{_p(r['p_holm'])} | {_ci(r['mean'], r['mean_ci'])} | {_ci(r['dz'], r['dz_ci'])} | "
+                         f"{r['verdict']} |")
+    return "\n".join(lines)
+
+
+def sources_list(rows_by_preset: dict) -> list:
+    """One line per claim id: what it compares and where the claim comes from."""
+    seen, lines = set(), []
+    for rows in rows_by_preset.values():
+        for r in rows:
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                lines.append(f"- {r['id']}: {r['comparison']}. Source: {r['source']}.")
+    return lines
+
+
+def verdict_rule_lines(rows_by_preset: dict) -> list:
+    m = next((r["family_size"] for rows in rows_by_preset.values() for r in rows), 0)
+    n = next((r["n"] for rows in rows_by_preset.values() for r in rows), 0)
+    return [
+        "How to read a verdict. Each claim is read from one paired difference per seed (the two loss combinations "
+        "are fine-tuned from the same checkpoint on the same batches; C4 uses the per-seed RMSE minus the paper's "
+        f"bound {MAXVIO_RMSE_BOUND:g}). The test is the Wilcoxon signed-rank test of those differences, two-sided; "
+        f"its p-values are adjusted with Holm's step-down method over all {m} rows of this report, both presets "
+        "together, so that the chance of any wrong verdict in the report stays at most 0.05.",
+        "",
+        f"- **supported**: Holm-adjusted p < {ST.ALPHA:g} and the effect goes the way the claim says.",
+        f"- **contradicted**: Holm-adjusted p < {ST.ALPHA:g} and the effect goes the other way.",
+        "- **inconclusive**: neither; the seeds do not settle the sign of the effect at this level (this is not "
+        "evidence of no effect). With S seeds the smallest two-sided p is 2^(1-S) (0.0625 for 5 seeds, 0.00098 for "
+        f"11; here S = {n}: {2.0 ** (1 - n):.2g}), so a run with few seeds cannot reach any other verdict.",
+        "- **not measured**: a difference is NaN in some seed.",
+        "",
+        "Beside the test: the exact sign test and the t-test (one-sided, in the claimed direction), and the effect "
+        "size, the mean paired difference and d_z = mean / sd of the differences, each with a 95% percentile "
+        f"bootstrap interval ({ST.N_BOOT} resamples of the seeds, fixed rng seed). The `.nmi` rows read the same "
+        "claim with NMI(cluster; top-1 expert) = I / H(cluster) on the held-out set, a measure of specialisation "
+        "that no term of the objective optimises; expert overlap is computed on the very outputs L_o pushes "
+        "apart, so a drop in overlap under L_o is close to guaranteed.",
+    ]
+
 
 
 # ----------------------------------------------------------------------------------------------
 # report.md
 # ----------------------------------------------------------------------------------------------
+
+def _blas_threads():
+    """The BLAS thread count: threadpoolctl where installed, else OpenBLAS's own getter in the loaded library,
+    else None."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        if info:
+            return int(info[0]["num_threads"])
+    except Exception:                          # not installed, or it fails on this platform
+        pass
+    try:
+        with open("/proc/self/maps") as fh:
+            libs = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower() and ln.split()[-1][:1] == "/"})
+        for path in libs:
+            lib = ctypes.CDLL(path)
+            for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                         "openblas_get_num_threads"):
+                fn = getattr(lib, name, None)
+                if fn is not None:
+                    return int(fn())
+    except Exception:
+        pass
+    return None
+
+
+def environment() -> dict:
+    """Python, NumPy, SciPy, the BLAS NumPy was built with and its thread count (None where unknown), platform."""
+    import scipy
+
+    blas = "unknown"
+    try:
+        b = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        blas = f"{b.get('name', '?')} {b.get('version', '')}".strip()
+    except Exception:                          # older NumPy: no mode="dicts"
+        pass
+    env = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    return {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
+            "blas": blas, "blas_threads": _blas_threads(), "thread_env": env, "platform": platform.platform(),
+            "machine": platform.machine(), "cpus": os.cpu_count()}
+
+
+def environment_lines(env: dict | None = None) -> list:
+    """``environment()`` as two markdown list lines."""
+    e = environment() if env is None else env
+    t = "unknown" if e["blas_threads"] is None else str(e["blas_threads"])
+    if e["thread_env"]:
+        t += " (" + ", ".join(f"{k}={v}" for k, v in e["thread_env"].items()) + ")"
+    return [f"- Python {e['python']}, NumPy {e['numpy']}, SciPy {e['scipy']}; BLAS {e['blas']}, {t} thread(s)",
+            f"- Platform {e['platform']}, {e['machine']}, {e['cpus']} logical CPU(s)"]
+
+
+def _is_quick(study) -> bool:
+    try:
+        from ..commands.reproduce import QUICK
+    except Exception:
+        return False
+    return all(getattr(study, k, None) == (tuple(v) if isinstance(v, (list, tuple)) else v)
+               for k, v in QUICK.items() if k != "seeds")
+
+
+def _banner(result: StudyResult) -> list:
+    """A warning at the top of a report whose rows cannot carry evidence."""
+    n = len(result.study.seeds)
+    m = next((r["family_size"] for rows in result.claims.values() for r in rows), 1)
+    floor = ST.holm([2.0 ** (1 - n)] * m)[0] if n >= 1 else 1.0
+    if _is_quick(result.study):
+        return [f"> **Smoke test, not evidence.** This is a `--quick` run (tiny sizes, {n} seed(s)): it checks that "
+                "the study runs end to end. Its numbers and verdicts say nothing about the paper's claims; run "
+                "`refmoe reproduce` without `--quick` for those.", ""]
+    if floor >= ST.ALPHA:
+        return [f"> **Too few seeds for any verdict.** With {n} seed(s) and {m} rows the smallest Holm-adjusted p "
+                f"is {floor:.3g} >= {ST.ALPHA:g}: every row is inconclusive whatever the data.", ""]
+    return []
+
 
 def _objective_lines(result: StudyResult) -> list:
     lines = []
@@ -83,8 +237,8 @@ def _objective_lines(result: StudyResult) -> list:
 
 
 def _metrics_table(result: StudyResult, preset: str) -> str:
-    keys = ("task", "maxvio_global", "overlap", "silhouette", "rv_per_token", "rv_eq42", "sel_cos", "nmi", "discrim",
-            "broad_task", "broad_nmi")
+    keys = ("task", "maxvio_global", "overlap", "nmi", "nmi_arith", "silhouette", "rv_per_token", "rv_eq42",
+            "sel_cos", "discrim", "broad_task", "broad_nmi")
     head = "| combo | " + " | ".join(keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 1)]
     for c, e in result.summary[preset].items():
@@ -143,9 +297,9 @@ def _in_short(result: StudyResult) -> list:
 
 def render_markdown(result: StudyResult, figures: list) -> str:
     s = result.study
-    out = ["# refmoe reproduce: expert specialisation on synthetic clustered data", ""]
-    out += [f"Run on {device_description(s.backend)} with backend `{s.backend}`, {s.dtype}, Python "
-            f"{platform.python_version()}; training and evaluation took {result.seconds:.1f} s.", ""]
+    out = ["# refmoe reproduce: expert specialisation on synthetic clustered data", ""] + _banner(result)
+    out += [f"Run on {device_description(s.backend)} with backend `{s.backend}`, {s.dtype}; training and "
+            f"evaluation took {result.seconds:.1f} s.", ""] + environment_lines() + [""]
     out += ["## Setup", "",
             f"- Data: {s.n_clusters} latent clusters in R^{s.d_model} (centres of length 3, Gaussian noise sd "
             f"{s.noise}), each with its own teacher t = x + shared(x) + teacher_m(x); the narrow fine-tuning domain "
@@ -155,8 +309,8 @@ def render_markdown(result: StudyResult, figures: list) -> str:
             f"- Phase 1: {s.pretrain_steps} steps on the broad mixture with L_h + {s.pretrain_alpha:g} L_aux (switch). "
             f"Phase 2: {s.finetune_steps} steps on the narrow domain from that checkpoint, fresh Adam "
             f"(lr {s.lr:g}), batch {s.batch_size}, identical batches for every loss combination.",
-            f"- Seeds: {list(s.seeds)}. Numbers are mean +/- sample sd over seeds; verdicts use the per-seed "
-            "paired differences (supported = the claimed sign in every seed; mixed = right sign on average only).",
+            f"- Seeds: {list(s.seeds)}. Numbers are mean +/- sample sd over seeds; verdicts test the per-seed "
+            "paired differences (see Verdicts).",
             "- Coefficients in phase 2:"] + _objective_lines(result)
     if s.alpha is not None or s.beta is not None or s.gamma is not None:
         out += [f"- Overridden from the presets: alpha={s.alpha}, beta={s.beta}, gamma={s.gamma} (None = preset)."]
@@ -165,10 +319,18 @@ def render_markdown(result: StudyResult, figures: list) -> str:
             "x~_ij of (token, selected expert) pairs of a fixed random subset of tokens, labelled by the expert j. "
             "Routing variance: `rv_per_token` = token mean of the variance across experts of the full softmax "
             "(ddof 1, the released code's log); `rv_eq42` = paper Eq. 42 on the post-top-k scores. `sel_cos` = mean "
-            "|cos| between a token's selected experts' outputs; `nmi` = I(cluster; top-1 expert) / H(cluster); "
+            "|cos| between a token's selected experts' outputs; `nmi` = I(cluster; top-1 expert) / H(cluster) (1: the "
+            "top-1 expert determines the cluster); `nmi_arith` = I / ((H(cluster) + H(top-1 expert)) / 2), "
+            "scikit-learn's default, which also falls when a cluster is spread over more experts; "
             "`discrim` = mean over tokens of max_j - min_j cos(g_y, x~_ij); `broad_task`, `broad_nmi`: the same on a "
             "held-out broad (all-cluster) set, to see what fine-tuning does to the other clusters.", ""]
-    out += ["## Verdicts", "", claims_table(result.claims), "", "In short:", ""] + _in_short(result) + [""]
+    out += ["## Verdicts", ""] + verdict_rule_lines(result.claims) + ["", claims_table(result.claims), "",
+                                                                       "In short:", ""] + _in_short(result) + [""]
+    out += ["### Evidence per claim", "",
+            "Differences are metric(second) - metric(first) per seed, in seed order; p sign, p t and p Wilcoxon "
+            "are one-sided in the claimed direction; p two-sided is the Wilcoxon test that Holm's correction "
+            "adjusts.", "", evidence_table(result.claims), "", "What each claim compares, and where it comes from:",
+            ""] + sources_list(result.claims) + [""]
     out += ["Caveats: this is one residual MoE block on synthetic data, not a language model; the verdicts say "
             "whether the paper's directional claims show up here, at these sizes and coefficients, and nothing "
             "about their size elsewhere. The `paper` preset's L_o (Eq. 6) is a sum over tokens with no "
@@ -199,6 +361,7 @@ def write_report(result: StudyResult, out_dir: str, *, figures: bool = True) -> 
         has_sweep = any(r["factor"] != 1.0 for sw in result.sweep.values() for r in sw["rows"])
         names = save_all(result.summary, out_dir, sweep=result.sweep if has_sweep else None)
     payload = {"config": result.study._asdict(), "seconds": result.seconds, "eval_keys": list(EVAL_KEYS),
+               "environment": environment(), "verdict_rule": verdict_rule_lines(result.claims),
                "summary": result.summary, "claims": result.claims, "sweep": result.sweep,
                "per_seed": result.per_seed}
     write_json(os.path.join(out_dir, "results.json"), payload)
