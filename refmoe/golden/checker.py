@@ -51,7 +51,7 @@ class TensorResult(NamedTuple):
     ratio: float = float("nan")  # got / want for a scalar, |got| / |want| (Frobenius norms) for a tensor
     n_bad: int = 0            # entries outside the tolerance
     n_bad_padding: int = 0    # of those, entries on padding rows
-    padding: tuple = ()       # parallel to ``mismatches``: True where the entry sits on a padding row
+    padding: tuple = ()       # parallel to ``mismatches``: the entry's token row when it is padding, else None
 
     @property
     def missing(self) -> bool:
@@ -130,8 +130,9 @@ class CheckReport(NamedTuple):
                 extra += f"  ratio {_ratio(r.ratio)}"
             lines.append(f"  {r.key:<{width}}  {r.max_abs:9.2e}  {r.max_rel:9.2e}  {'ok' if r.ok else 'FAIL'}{extra}")
         for r in bad:
-            for (index, got, want), pad in zip(r.mismatches[:n_show], r.padding or (False,) * len(r.mismatches)):
-                lines.append(f"    {r.key}{list(index)}: got {got!r}, want {want!r}" + ("  (padding row)" * pad))
+            for (index, got, want), row in zip(r.mismatches[:n_show], r.padding or (None,) * len(r.mismatches)):
+                pad = "" if row is None else f"  (row {row} is padding)"
+                lines.append(f"    {r.key}{list(index)}: got {got!r}, want {want!r}{pad}")
         missing = [r.key for r in bad if r.missing]
         if missing:
             lines.append(f"  missing: {', '.join(missing)}")
@@ -191,7 +192,8 @@ def describe(r: TensorResult) -> str:
     text = f"{r.key}: {r.note + ', ' if r.note else ''}max abs {r.max_abs:.2e}, max rel {r.max_rel:.2e}"
     if r.mismatches:
         index, got, want = r.mismatches[0]
-        where = f"row {index[0]} (padding) {list(index)}" if r.padding and r.padding[0] else f"{list(index)}"
+        row = r.padding[0] if r.padding else None
+        where = f"{list(index)}" if row is None else f"row {row} (padding) {list(index)}"
         text += f", worst entry at {where}: got {got:.6g}, want {want:.6g}"
     if r.n_bad:
         text += f"; {r.n_bad} entries off" + (f", {r.n_bad_padding} on padding rows" if r.n_bad_padding else "")
@@ -238,7 +240,7 @@ def needed_keys(keys, terms=None) -> list:
     chosen = set(terms)
     whole = set(case_terms(keys)) <= chosen
     inter = set()
-    for t in chosen:
+    for t in chosen & set(case_terms(keys)):                  # a term the case lacks needs nothing
         inter |= {k for k in out if k.startswith("inter/")} if TERM_INTERMEDIATES[t] is None \
             else set(TERM_INTERMEDIATES[t])
     return [k for k in out if k in inter
@@ -268,12 +270,12 @@ def _rows_of(shape, padding_mask, token_axis):
 
 
 def _bad_entries(bad, index_list, pad, token_axis):
-    """(n_bad, n_bad_padding, padding flags of ``index_list``)."""
+    """(n_bad, n_bad_padding, and for each index of ``index_list`` its token row if that is padding, else None)."""
     n_bad = int(bad.sum())
     if pad is None:
         return n_bad, 0, ()
     n_pad = int(np.moveaxis(bad, token_axis, 0)[pad].sum())
-    return n_bad, n_pad, tuple(bool(pad[ix[token_axis]]) for ix in index_list)
+    return n_bad, n_pad, tuple(ix[token_axis] if pad[ix[token_axis]] else None for ix in index_list)
 
 
 def compare_tensor(case, key, got, want, rtol, atol, n_show=5, *, padding_mask=None, token_axis=0) -> TensorResult:
