@@ -173,6 +173,9 @@ def _cut(names, n: int) -> str:
 
 
 def _ratio(r: float) -> str:
+    """0.5000, 2.0000 (a forgotten factor); 1-3.1e-08 (round-off); 1.2346e+05."""
+    if 0 < abs(r - 1) < 1e-4:
+        return f"1{r - 1:+.1e}"
     return f"{r:.4f}" if 1e-3 <= abs(r) < 1e4 else f"{r:.4e}"
 
 
