@@ -136,6 +136,26 @@ def test_a_forgotten_factor_shows_the_ratio(golden, tmp_path, capsys, factor, sh
     assert "grad/aux/w_router" in out and shown in out                    # tensors: the ratio of their norms
 
 
+def test_a_scalar_near_its_value_shows_the_ratio_as_one_plus_a_small_number(golden, tmp_path):
+    def spoil(name, a):
+        a["loss/var"] = a["loss/var"] * (1 - 3e-8)
+        return a
+    out = check_dump(golden, str(_dump(golden, tmp_path, ["base"], spoil)), terms="var").format()
+    assert "loss/var: got" in out and "ratio 1-3.0e-08" in out
+
+
+def test_an_integer_mismatch_names_its_first_entry(golden, tmp_path):
+    def spoil(name, a):
+        a["inter/topk_idx"] = a["inter/topk_idx"].copy()
+        a["inter/topk_idx"][6] = a["inter/topk_idx"][6, ::-1]             # token 6 is padding
+        return a
+    out = check_dump(golden, str(_dump(golden, tmp_path, ["padding"], spoil))).format()
+    line = out.splitlines()[0]
+    assert line.startswith("case padding: FAIL  inter/topk_idx: 2 of 16 entries differ, 2 on padding rows, "
+                           "first at row 6 (padding) [6, 0]: got "), line
+    assert "max abs" not in line
+
+
 def test_a_tensor_shows_its_norm_ratio_only_when_far_from_one(golden, tmp_path, capsys):
     def spoil(name, a):
         a["grad/var/w_router"] = a["grad/var/w_router"] * 3

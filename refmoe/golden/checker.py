@@ -192,6 +192,12 @@ def describe(r: TensorResult) -> str:
         (_, got, want), = r.mismatches[:1]
         text = f"{r.key}: got {got:.10g}, want {want:.10g}"
         return text + (f", ratio {_ratio(r.ratio)}" if math.isfinite(r.ratio) else "")
+    if r.mismatches and isinstance(r.mismatches[0][1], (bool, int)):   # integers and bools: exact
+        index, got, want = r.mismatches[0]
+        row = r.padding[0] if r.padding else None
+        where = f"{list(index)}" if row is None else f"row {row} (padding) {list(index)}"
+        pad = f", {r.n_bad_padding} on padding rows" if r.n_bad_padding else ""
+        return f"{r.key}: {r.note}{pad}, first at {where}: got {got}, want {want}"
     text = f"{r.key}: {r.note + ', ' if r.note else ''}max abs {r.max_abs:.2e}, max rel {r.max_rel:.2e}"
     if r.mismatches:
         index, got, want = r.mismatches[0]
@@ -218,6 +224,7 @@ def check_terms(terms) -> tuple | None:
     """``terms`` as a tuple in TERMS order (None stays None); ValueError for an unknown or empty choice."""
     if terms is None:
         return None
+    terms = [terms] if isinstance(terms, str) else terms
     terms = [t for item in terms for t in str(item).replace(",", " ").split()]
     unknown = sorted(set(terms) - set(TERMS))
     if unknown or not terms:
