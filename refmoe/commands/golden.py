@@ -38,7 +38,11 @@ def add_arguments(parser):
     c.add_argument("--atol", default=None, metavar="X",
                    help="atol for every case instead of the default of its dtype (finite, >= 0)")
     c.add_argument("--require-all", action="store_true", help="fail when the dump lacks a case (default: skip it)")
-    c.add_argument("-v", "--verbose", action="store_true", help="print the table of every case, not only failures")
+    c.add_argument("--terms", action="append", default=None, metavar="T[,T...]",
+                   help="check only these loss terms (task, aux, ortho, var, z) and the intermediates they need; "
+                        "loss/total and grad/total only when every term of a case is chosen (repeatable)")
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="print every tensor of every case (default: one line per failing case and a summary)")
     sub.add_parser("list", help="list the cases of the default grid")
 
 
@@ -57,7 +61,7 @@ def run(args) -> int:
             rtol = None if args.rtol is None else check_tolerance(_number(args.rtol), "--rtol")
             atol = None if args.atol is None else check_tolerance(_number(args.atol), "--atol")
             report = check_dump(args.directory, args.dump, cases=args.case, rtol=rtol, atol=atol,
-                                require_all=args.require_all)
+                                require_all=args.require_all, terms=args.terms)
             print(report.format(verbose=args.verbose))
             return 0 if report.ok else 1
         if action == "list":

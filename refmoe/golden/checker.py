@@ -1,9 +1,9 @@
 """Comparing another implementation's dump with the golden fixtures, tensor by tensor.
 
 A dump is a directory with one ``<case>.npz`` per case it covers, holding the same keys as the fixture
-(at least every ``inter/``, ``loss/`` and ``grad/`` key; ``input/`` and ``param/`` keys are compared when
-present). Cases without a dump file are skipped (an implementation may support a subset) unless
-``require_all``. A tensor passes when
+(every ``inter/``, ``loss/`` and ``grad/`` key, or with ``terms`` only those of the chosen loss terms, see
+``TERM_INTERMEDIATES``; ``input/`` and ``param/`` keys are compared when present). Cases without a dump file
+are skipped (an implementation may support a subset) unless ``require_all``. A tensor passes when
 
     max |got - want| <= atol + rtol * max |want|        (floats)
     got == want                                          (integers and bools, in their dtype: top-k indices, masks)
@@ -25,23 +25,48 @@ import numpy as np
 from . import format as fmt
 from . import trust
 
+TERMS = ("task", "aux", "ortho", "var", "z")     # what --terms accepts (z: the router z-loss, no case yet)
+# The intermediates each term is computed from, checked with it under ``terms`` (keys a case lacks are left
+# out). None: every inter/ key, since <dy, y> and its gradient run through the whole layer.
+TERM_INTERMEDIATES = {
+    "task": None,
+    "aux": ("inter/scores", "inter/topk_idx"),
+    "ortho": ("inter/expert_out", "inter/topk_idx"),
+    "var": ("inter/scores", "inter/topk_idx"),
+    "z": ("inter/logits",),
+}
+MISSING = "missing from the dump"
+FAR_RATIO = 0.01          # a tensor's norm ratio is shown when |ratio - 1| >= this
+
 
 class TensorResult(NamedTuple):
     case: str
     key: str
     max_abs: float
-    max_rel: float            # max_abs / max|want| (nan when the reference is all zeros)
+    max_rel: float            # max_abs / max|want| (nan when the reference is all zeros, or nothing compared)
     ok: bool
     note: str                 # "" or why it failed before comparing (missing, shape, NaN ...)
     mismatches: tuple         # up to ``n_show`` (index, got, want) of the worst entries, when failed
     used: float = float("inf")  # max_abs / (atol + rtol * max|want|): the share of the tolerance used
+    ratio: float = float("nan")  # got / want for a scalar, |got| / |want| (Frobenius norms) for a tensor
+    n_bad: int = 0            # entries outside the tolerance
+    n_bad_padding: int = 0    # of those, entries on padding rows
+    padding: tuple = ()       # parallel to ``mismatches``: the entry's token row when it is padding, else None
+
+    @property
+    def missing(self) -> bool:
+        return self.note == MISSING
 
 
 class CheckReport(NamedTuple):
     results: tuple            # TensorResult rows, case by case
     checked: tuple            # case names compared
-    skipped: tuple            # case names without a dump file
+    skipped: tuple            # case names not compared
     tolerances: dict          # case -> {"rtol", "atol"}
+    skip_reasons: dict = {}   # case -> "no dump file" or "no aux term" ...
+    notes: dict = {}          # case -> a line about the whole case (a dump of another dtype)
+    hints: dict = {}          # case -> what may explain its failure (--terms, float32 round-off)
+    terms: tuple | None = None  # the terms checked (None: all)
 
     @property
     def ok(self) -> bool:
@@ -51,41 +76,185 @@ class CheckReport(NamedTuple):
     def failures(self) -> list:
         return [r for r in self.results if not r.ok]
 
+    def missing(self, case: str) -> list:
+        return [r.key for r in self.results if r.case == case and r.missing]
+
     def format(self, verbose: bool = False, n_show: int = 5) -> str:
-        """A readable table: every tensor of failing cases (all cases when ``verbose``) and the first
-        mismatching entries of each failing tensor."""
+        """Default: one line per failing case (its first failing key with the numbers), then a summary and
+        the verdict. ``verbose``: the table of every tensor of every case and the worst entries of each
+        failing tensor."""
         lines = []
         for case in self.checked:
             rows = [r for r in self.results if r.case == case]
-            tol = self.tolerances[case]
-            bad = [r for r in rows if not r.ok]
-            if not bad and not verbose:
-                worst = max(rows, key=lambda r: r.used)
-                lines.append(f"case {case}: {len(rows)} tensors ok (closest: {worst.key} at "
-                             f"{100 * worst.used:.2g}% of its tolerance)")
+            lines.extend(self._case_table(case, rows, n_show) if verbose else self._case_line(case, rows))
+        lines.extend(self._summary())
+        return "\n".join(lines)
+
+    def _case_line(self, case, rows) -> list:
+        bad = [r for r in rows if not r.ok]
+        if not bad:
+            return []
+        tol = self.tolerances[case]
+        mism = [r for r in bad if not r.missing]
+        parts = []
+        if case in self.notes:
+            parts.append(self.notes[case])
+            if mism:
+                parts.append(f"first failing key {mism[0].key}, max rel {mism[0].max_rel:.1e}")
+        elif mism:
+            parts.append(describe(mism[0]) + f" (rtol {tol['rtol']:g}, atol {tol['atol']:g})")
+        missing = [r.key for r in bad if r.missing]
+        if missing:
+            parts.append(f"missing: {_cut(missing, 4)}")
+        if len(mism) > 1:
+            parts.append(f"{len(mism)} of {len(rows)} tensors differ")
+        if case in self.hints:
+            parts.append(self.hints[case])
+        return [f"case {case}: FAIL  " + "; ".join(parts)]
+
+    def _case_table(self, case, rows, n_show) -> list:
+        tol = self.tolerances[case]
+        bad = [r for r in rows if not r.ok]
+        status = "ok" if not bad else f"FAIL ({len(bad)} of {len(rows)} tensors)"
+        lines = [f"case {case}: {status}   rtol {tol['rtol']:g}, atol {tol['atol']:g}"]
+        if case in self.notes:
+            lines.append(f"  {self.notes[case]}")
+        width = max([len(r.key) for r in rows] + [6])
+        lines.append(f"  {'tensor':<{width}}  {'max abs':>9}  {'max rel':>9}  ok")
+        for r in rows:
+            if r.missing:
+                lines.append(f"  {r.key:<{width}}  {'-':>9}  {'-':>9}  missing")
                 continue
-            status = "ok" if not bad else f"FAIL ({len(bad)} of {len(rows)} tensors)"
-            lines.append(f"case {case}: {status}   rtol {tol['rtol']:g}, atol {tol['atol']:g}")
-            width = max(len(r.key) for r in rows)
-            lines.append(f"  {'tensor':<{width}}  {'max abs':>9}  {'max rel':>9}  ok")
-            for r in rows:
-                mark = "ok" if r.ok else "FAIL"
-                extra = f"  {r.note}" if r.note else ""
-                lines.append(f"  {r.key:<{width}}  {r.max_abs:9.2e}  {r.max_rel:9.2e}  {mark}{extra}")
-            for r in bad:
-                for index, got, want in r.mismatches[:n_show]:
-                    lines.append(f"    {r.key}{list(index)}: got {got!r}, want {want!r}")
-        n_bad_cases = len({r.case for r in self.failures})
-        lines.append(f"{len(self.checked)} case(s) checked, {n_bad_cases} failed, {len(self.skipped)} skipped"
-                     + (f" (no dump: {', '.join(self.skipped)})" if self.skipped else ""))
-        if not self.checked:
-            lines.append("no case was compared: the dump directory holds none of the golden cases")
-        if self.failures:
-            first = self.failures[0]
-            lines.append(f"FAILED: first mismatch in case {first.case!r}, tensor {first.key}")
+            extra = f"  {r.note}" if r.note else ""
+            if not r.ok and _show_ratio(r):
+                extra += f"  ratio {_ratio(r.ratio)}"
+            lines.append(f"  {r.key:<{width}}  {r.max_abs:9.2e}  {r.max_rel:9.2e}  {'ok' if r.ok else 'FAIL'}{extra}")
+        for r in bad:
+            for (index, got, want), row in zip(r.mismatches[:n_show], r.padding or (None,) * len(r.mismatches)):
+                pad = "" if row is None else f"  (row {row} is padding)"
+                lines.append(f"    {r.key}{list(index)}: got {got!r}, want {want!r}{pad}")
+        missing = [r.key for r in bad if r.missing]
+        if missing:
+            lines.append(f"  missing: {', '.join(missing)}")
+        if case in self.hints:
+            lines.append(f"  {self.hints[case]}")
+        return lines
+
+    def _summary(self) -> list:
+        n_bad = len({r.case for r in self.failures})
+        line = (f"{len(self.checked)} case(s) checked: {len(self.checked) - n_bad} passed, {n_bad} failed, "
+                f"{len(self.skipped)} skipped")
+        by_reason = {}
+        for case in self.skipped:
+            by_reason.setdefault(self.skip_reasons.get(case, "no dump file"), []).append(case)
+        if by_reason:
+            line += " (" + "; ".join(f"{why}: {_cut(names, 6)}" for why, names in by_reason.items()) + ")"
+        if self.terms is not None:
+            line += f"; terms {', '.join(self.terms)}"
+        lines = [line]
+        if not self.checked and self.skipped and all(why != "no dump file" for why in by_reason):
+            lines.append(f"no case was compared: no golden case has the term(s) {', '.join(self.terms)}")
+        elif not self.checked:
+            lines.append("no case was compared: the dump directory holds none of the golden cases"
+                         + ("" if self.terms is None else " that have the chosen terms"))
+        mism = [r for r in self.failures if not r.missing]
+        if mism:
+            lines.append(f"FAILED: first mismatch in case {mism[0].case!r}, tensor {mism[0].key}")
+        elif self.failures:
+            first = self.failures[0].case
+            lines.append(f"FAILED: case {first!r} lacks {_cut(self.missing(first), 3)}")
         else:
             lines.append("OK" if self.checked else "FAILED")
-        return "\n".join(lines)
+        return lines
+
+
+def _cut(names, n: int) -> str:
+    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _ratio(r: float) -> str:
+    """0.5000, 2.0000 (a forgotten factor); 1-3.1e-08 (round-off); 1.2346e+05."""
+    if 0 < abs(r - 1) < 1e-4:
+        return f"1{r - 1:+.1e}"
+    return f"{r:.4f}" if 1e-3 <= abs(r) < 1e4 else f"{r:.4e}"
+
+
+def _show_ratio(r: TensorResult) -> bool:
+    scalar = not r.mismatches or not r.mismatches[0][0]
+    return math.isfinite(r.ratio) and (scalar or abs(r.ratio - 1) >= FAR_RATIO)
+
+
+def describe(r: TensorResult) -> str:
+    """One failing tensor in a phrase: its key and the numbers that say how it fails."""
+    if r.note and not r.mismatches:
+        return f"{r.key}: {r.note}"
+    if r.mismatches and not r.mismatches[0][0]:                  # a scalar: got, want and their ratio
+        (_, got, want), = r.mismatches[:1]
+        text = f"{r.key}: got {got:.10g}, want {want:.10g}"
+        return text + (f", ratio {_ratio(r.ratio)}" if math.isfinite(r.ratio) else "")
+    if r.mismatches and isinstance(r.mismatches[0][1], (bool, int)):   # integers and bools: exact
+        index, got, want = r.mismatches[0]
+        row = r.padding[0] if r.padding else None
+        where = f"{list(index)}" if row is None else f"row {row} (padding) {list(index)}"
+        pad = f", {r.n_bad_padding} on padding rows" if r.n_bad_padding else ""
+        return f"{r.key}: {r.note}{pad}, first at {where}: got {got}, want {want}"
+    text = f"{r.key}: {r.note + ', ' if r.note else ''}max abs {r.max_abs:.2e}, max rel {r.max_rel:.2e}"
+    if r.mismatches:
+        index, got, want = r.mismatches[0]
+        row = r.padding[0] if r.padding else None
+        where = f"{list(index)}" if row is None else f"row {row} (padding) {list(index)}"
+        text += f", worst entry at {where}: got {got:.6g}, want {want:.6g}"
+    if r.n_bad:
+        text += f"; {r.n_bad} entries off" + (f", {r.n_bad_padding} on padding rows" if r.n_bad_padding else "")
+    if _show_ratio(r):
+        text += f"; norm ratio {_ratio(r.ratio)}"
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# which keys a check covers
+# ----------------------------------------------------------------------------------------------
+
+def case_terms(keys) -> list:
+    """The loss terms of a case (not ``total``), from its manifest keys: the ``<term>`` of ``grad/<term>/*``."""
+    return sorted({k.split("/")[1] for k in keys if k.startswith("grad/")} - {"total"})
+
+
+def check_terms(terms) -> tuple | None:
+    """``terms`` as a tuple in TERMS order (None stays None); ValueError for an unknown or empty choice."""
+    if terms is None:
+        return None
+    terms = [terms] if isinstance(terms, str) else terms
+    terms = [t for item in terms for t in str(item).replace(",", " ").split()]
+    unknown = sorted(set(terms) - set(TERMS))
+    if unknown or not terms:
+        raise ValueError(f"--terms {' '.join(unknown) or '(empty)'}: expected some of {', '.join(TERMS)}")
+    return tuple(t for t in TERMS if t in terms)
+
+
+def _owner(key: str) -> str:
+    """The term a ``loss/`` or ``grad/`` key belongs to: loss/aux, loss/aux_pieces, grad/aux/x -> aux."""
+    name = key.split("/")[1]
+    return name if name in TERMS or name == "total" else name.split("_")[0]
+
+
+def needed_keys(keys, terms=None) -> list:
+    """The output keys (inter/, loss/, grad/) among ``keys`` that checking ``terms`` needs (None: all).
+
+    For term t: loss/t (and loss/t_*), grad/t/* and the intermediates of TERM_INTERMEDIATES[t];
+    loss/total and grad/total/* only when every term of the case is chosen.
+    """
+    out = [k for k in keys if k.split("/")[0] in fmt.OUTPUT_GROUPS]
+    if terms is None:
+        return out
+    chosen = set(terms)
+    whole = set(case_terms(keys)) <= chosen
+    inter = set()
+    for t in chosen & set(case_terms(keys)):                  # a term the case lacks needs nothing
+        inter |= {k for k in out if k.startswith("inter/")} if TERM_INTERMEDIATES[t] is None \
+            else set(TERM_INTERMEDIATES[t])
+    return [k for k in out if k in inter
+            or (not k.startswith("inter/") and (_owner(k) in chosen or (_owner(k) == "total" and whole)))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,9 +271,30 @@ def _kind_error(case, key, got_dtype, want_dtype):
                                  f"like the fixture's {want_dtype}")
 
 
-def compare_tensor(case, key, got, want, rtol, atol, n_show=5) -> TensorResult:
+def _rows_of(shape, padding_mask, token_axis):
+    """The padding-row mask to label entries with, or None when the tensor has no token axis."""
+    if (padding_mask is None or not padding_mask.any() or len(shape) <= token_axis
+            or shape[token_axis] != padding_mask.shape[0]):
+        return None
+    return padding_mask
+
+
+def _bad_entries(bad, index_list, pad, token_axis):
+    """(n_bad, n_bad_padding, and for each index of ``index_list`` its token row if that is padding, else None)."""
+    n_bad = int(bad.sum())
+    if pad is None:
+        return n_bad, 0, ()
+    n_pad = int(np.moveaxis(bad, token_axis, 0)[pad].sum())
+    return n_bad, n_pad, tuple(ix[token_axis] if pad[ix[token_axis]] else None for ix in index_list)
+
+
+def compare_tensor(case, key, got, want, rtol, atol, n_show=5, *, padding_mask=None, token_axis=0) -> TensorResult:
     """One tensor's verdict. A dtype whose kind differs from the fixture's (float for int64 ...) is a
-    GoldenFormatError, not a mismatch; integers and bools are compared exactly, without a cast."""
+    GoldenFormatError, not a mismatch; integers and bools are compared exactly, without a cast.
+
+    padding_mask  [N] bool, True on padding rows: failing entries on them are counted and labelled, for
+                  tensors whose axis ``token_axis`` has length N
+    """
     want = np.asarray(want)
     got = np.asarray(got)
     if got.dtype.kind not in trust.PLAIN_KINDS or got.dtype.hasobject:
@@ -112,21 +302,26 @@ def compare_tensor(case, key, got, want, rtol, atol, n_show=5) -> TensorResult:
     if got.dtype.kind != want.dtype.kind:
         raise _kind_error(case, key, got.dtype, want.dtype)
     if got.shape != want.shape:
-        return TensorResult(case, key, np.inf, np.inf, False,
+        return TensorResult(case, key, math.nan, math.nan, False,
                             f"shape {tuple(got.shape)}, expected {tuple(want.shape)}", ())
+    pad = _rows_of(want.shape, padding_mask, token_axis)
     if want.dtype.kind in "biu":
         diff = got != want                                  # same kind: exact, no cast
-        n_bad = int(diff.sum())
-        mism = tuple((tuple(int(i) for i in ix), _py(got[ix]), _py(want[ix])) for ix in zip(*np.nonzero(diff)))
+        where = [tuple(int(i) for i in ix) for ix in zip(*np.nonzero(diff))][:n_show]
+        n_bad, n_pad, flags = _bad_entries(diff, where, pad, token_axis)
+        mism = tuple((ix, _py(got[ix]), _py(want[ix])) for ix in where)
         note = f"{n_bad} of {want.size} entries differ" if n_bad else ""
-        return TensorResult(case, key, float(n_bad > 0), float(n_bad > 0), n_bad == 0, note, mism[:n_show],
-                            np.inf if n_bad else 0.0)
+        return TensorResult(case, key, float(n_bad > 0), float(n_bad > 0), n_bad == 0, note, mism,
+                            np.inf if n_bad else 0.0, math.nan, n_bad, n_pad, flags)
     g = got.astype(np.float64)
     w = want.astype(np.float64)
     if not np.isfinite(g).all():
         bad = ~np.isfinite(g)
-        mism = tuple((tuple(int(i) for i in ix), float(g[ix]), float(w[ix])) for ix in zip(*np.nonzero(bad)))
-        return TensorResult(case, key, np.inf, np.inf, False, "NaN or inf in the dump", mism[:n_show])
+        where = [tuple(int(i) for i in ix) for ix in zip(*np.nonzero(bad))][:n_show]
+        n_bad, n_pad, flags = _bad_entries(bad, where, pad, token_axis)
+        mism = tuple((ix, float(g[ix]), float(w[ix])) for ix in where)
+        return TensorResult(case, key, np.inf, np.inf, False, "NaN or inf in the dump", mism, np.inf,
+                            math.nan, n_bad, n_pad, flags)
     err = np.abs(g - w)
     scale = float(np.abs(w).max()) if w.size else 0.0
     max_abs = float(err.max()) if err.size else 0.0
@@ -134,27 +329,39 @@ def compare_tensor(case, key, got, want, rtol, atol, n_show=5) -> TensorResult:
     bound = atol + rtol * scale
     ok = max_abs <= bound
     used = max_abs / bound if bound > 0 else (0.0 if max_abs == 0 else np.inf)
-    mism = ()
-    if not ok:
-        flat = np.argsort(-err, axis=None, kind="stable")[:n_show]
-        idx = [np.unravel_index(int(f), err.shape) for f in flat]
-        mism = tuple((tuple(int(i) for i in ix), float(g[ix]), float(w[ix])) for ix in idx if err[ix] > bound)
-    return TensorResult(case, key, max_abs, max_rel, ok, "", mism, used)
+    if ok:
+        return TensorResult(case, key, max_abs, max_rel, True, "", (), used)
+    flat = np.argsort(-err, axis=None, kind="stable")[:n_show]
+    where = [tuple(int(i) for i in np.unravel_index(int(f), err.shape)) for f in flat]
+    where = [ix for ix in where if err[ix] > bound]
+    n_bad, n_pad, flags = _bad_entries(err > bound, where, pad, token_axis)
+    mism = tuple((ix, float(g[ix]), float(w[ix])) for ix in where)
+    norm_w = float(np.linalg.norm(w))
+    ratio = float(np.linalg.norm(g)) / norm_w if w.ndim else (float(g) / float(w) if w != 0 else math.nan)
+    ratio = ratio if w.ndim == 0 or norm_w > 0 else math.nan
+    return TensorResult(case, key, max_abs, max_rel, False, "", mism, used, ratio, n_bad, n_pad, flags)
 
 
-def compare_case(name: str, golden: dict, dump, tolerance: dict, *, n_show: int = 5) -> list:
-    """TensorResult rows for one case: every output key of the fixture, plus inputs the dump repeats.
+def compare_case(name: str, golden: dict, dump, tolerance: dict, *, n_show: int = 5, terms=None,
+                 token_axis: int = 0) -> list:
+    """TensorResult rows for one case: the output keys ``terms`` need (all when None, see needed_keys),
+    plus inputs and parameters the dump repeats.
 
     ``dump`` is a dict of arrays or a trust.NpzArchive; for an archive a member's dtype kind and shape are
-    checked from its header, and its data is read only when they fit.
+    checked from its header, and its data is read only when they fit. Entries on the rows where
+    ``golden["input/valid_mask"]`` is False (axis ``token_axis``) are labelled as padding.
     """
+    needed = set(needed_keys(golden, terms))
+    valid = golden.get("input/valid_mask")
+    padding_mask = None if valid is None else ~np.asarray(valid, dtype=bool)
     rows = []
     for key in sorted(golden, key=lambda k: (fmt.GROUPS.index(k.split("/")[0]), k)):
         group = key.split("/")[0]
-        if group not in fmt.OUTPUT_GROUPS and key not in dump:
-            continue
         if key not in dump:
-            rows.append(TensorResult(name, key, np.inf, np.inf, False, "missing from the dump", ()))
+            if key in needed:
+                rows.append(TensorResult(name, key, math.nan, math.nan, False, MISSING, ()))
+            continue
+        if group in fmt.OUTPUT_GROUPS and key not in needed:
             continue
         want = golden[key]
         if hasattr(dump, "spec"):
@@ -162,10 +369,11 @@ def compare_case(name: str, golden: dict, dump, tolerance: dict, *, n_show: int 
             if dtype.kind != want.dtype.kind:
                 raise _kind_error(name, key, dtype, want.dtype)
             if shape != want.shape:
-                rows.append(TensorResult(name, key, np.inf, np.inf, False,
+                rows.append(TensorResult(name, key, math.nan, math.nan, False,
                                          f"shape {shape}, expected {tuple(want.shape)}", ()))
                 continue
-        rows.append(compare_tensor(name, key, dump[key], want, tolerance["rtol"], tolerance["atol"], n_show))
+        rows.append(compare_tensor(name, key, dump[key], want, tolerance["rtol"], tolerance["atol"], n_show,
+                                   padding_mask=padding_mask, token_axis=token_axis))
     return rows
 
 
@@ -193,35 +401,84 @@ def case_tolerance(entry: dict, rtol=None, atol=None) -> dict:
             for field, given in (("rtol", rtol), ("atol", atol))}
 
 
+def dtype_note(name: str, case_dtype: str, dump, keys) -> str | None:
+    """One line when the dump's float tensors among ``keys`` are not of the case's dtype, else None."""
+    floats = [(k, str(dump.spec(k)[1] if hasattr(dump, "spec") else np.asarray(dump[k]).dtype))
+              for k in keys if k in dump]
+    floats = [(k, d) for k, d in floats if np.dtype(d).kind == "f"]
+    other = [(k, d) for k, d in floats if d != case_dtype]
+    if not other:
+        return None
+    kinds = sorted({d for _, d in other})
+    if len(other) == len(floats) and len(kinds) == 1:
+        return (f"dump is {kinds[0]}, case {name!r} is {case_dtype}: compare against the {kinds[0]} cases "
+                "or cast")
+    return (f"dump has {len(other)} of {len(floats)} float tensors in {'/'.join(kinds)} (first {other[0][0]}), "
+            f"case {name!r} is {case_dtype}")
+
+
+def _hint(rows, entry, dump, terms) -> str | None:
+    """What may explain a failing case: the dump holds the keys of fewer terms, or float32 round-off."""
+    if any(r.missing for r in rows):
+        full = [t for t in case_terms(entry["keys"]) if all(k in dump for k in needed_keys(entry["keys"], [t]))]
+        if full and tuple(full) != terms:
+            return f"the dump has every key of --terms {','.join(full)}"
+        return None
+    bad = [r for r in rows if not r.ok]
+    if bad and entry["dtype"] == "float64" and all(1e-9 <= r.max_rel <= 1e-5 for r in bad):
+        worst = max(r.max_rel for r in bad)
+        return (f"max rel {worst:.0e} is float32 round-off: HF and Megatron routers compute the softmax in "
+                "float32 (docs/golden-format.md, float32 routers)")
+    return None
+
+
 def check_dump(golden_dir, dump_dir, *, cases=None, rtol: float | None = None, atol: float | None = None,
-               require_all: bool = False, n_show: int = 5) -> CheckReport:
+               require_all: bool = False, n_show: int = 5, terms=None) -> CheckReport:
     """Compare ``dump_dir/<case>.npz`` with ``golden_dir/<case>.npz`` for every golden case (or ``cases``).
 
     rtol, atol    replace the default tolerances (finite, >= 0; see case_tolerance)
     require_all   a missing dump file fails its case instead of skipping it
+    terms         check only these loss terms (some of TERMS) and the intermediates they need (needed_keys);
+                  a case with none of them is skipped; None: every key
     Raises GoldenFormatError for a bad fixture (no manifest, a malformed field, checksum mismatch, missing
-    keys, wrong shapes, pickled objects, symlinks) and for an unreadable, pickled or wrongly typed dump file.
+    keys, wrong shapes, pickled objects, symlinks) and for an unreadable, pickled or wrongly typed dump file;
+    ValueError for an unknown term.
     """
+    terms = check_terms(terms)
     manifest = fmt.load_manifest(golden_dir)
     dump_dir = trust.check_directory(dump_dir, "dump directory")
     names = sorted(manifest["cases"]) if not cases else list(cases)
     unknown = [n for n in names if n not in manifest["cases"]]
     if unknown:
         raise fmt.GoldenFormatError(f"unknown case(s) {unknown}; the fixture has {sorted(manifest['cases'])}")
-    results, checked, skipped, tolerances = [], [], [], {}
+    results, checked, skipped, tolerances, reasons, notes, hints = [], [], [], {}, {}, {}, {}
     for name in names:
         entry = manifest["cases"][name]
         tol = tolerances[name] = case_tolerance(entry, rtol, atol)
+        if terms is not None and not set(terms) & set(case_terms(entry["keys"])):
+            skipped.append(name)
+            reasons[name] = f"no {'/'.join(terms)} term"
+            continue
         path = os.path.join(dump_dir, f"{trust.check_name(name, 'case')}.npz")
         if trust.entry_state(path, f"dump of case {name!r}") == "missing":
             if require_all:
-                results.append(TensorResult(name, "(file)", np.inf, np.inf, False, f"{path} not found", ()))
+                results.append(TensorResult(name, "(file)", math.nan, math.nan, False, f"{path} not found", ()))
                 checked.append(name)
             else:
                 skipped.append(name)
+                reasons[name] = "no dump file"
             continue
         golden = fmt.load_case(golden_dir, name, manifest)
+        axis = 1 if entry.get("kind") == "aux_layers" else 0          # [L, N, ...] tensors
         with trust.NpzArchive(path, f"dump of case {name!r}") as dump:
-            results.extend(compare_case(name, golden, dump, tol, n_show=n_show))
+            rows = compare_case(name, golden, dump, tol, n_show=n_show, terms=terms, token_axis=axis)
+            compared = [r.key for r in rows if not r.missing]
+            note = dtype_note(name, entry["dtype"], dump, compared)
+            hint = None if note else _hint(rows, entry, dump, terms)
+        results.extend(rows)
         checked.append(name)
-    return CheckReport(tuple(results), tuple(checked), tuple(skipped), tolerances)
+        if note:
+            notes[name] = note
+        if hint:
+            hints[name] = hint
+    return CheckReport(tuple(results), tuple(checked), tuple(skipped), tolerances, reasons, notes, hints, terms)
