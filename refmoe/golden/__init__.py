@@ -5,7 +5,8 @@
     load_case(dir, name)         a case's arrays, checked against the manifest (sha256, keys, shapes)
 """
 from .cases import AUX_FORMS, CaseSpec, compute_case
-from .checker import CheckReport, TensorResult, check_dump, compare_case
+from .checker import check_dump, compare_case
+from .report import CheckReport, TensorResult
 from .format import GoldenFormatError, load_case, load_manifest, load_npz, save_npz
 from .grid import default_cases, select
 from .writer import write_golden
