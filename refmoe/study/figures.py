@@ -23,6 +23,7 @@ import os
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
@@ -121,6 +122,7 @@ def _bars(ax, summary_p, combos, key):
     ax.barh(y, m, xerr=s, capsize=3, color=[combo_colour(c) for c in combos], error_kw={"lw": 1.0})
     ax.set_yticks(y, combos)
     ax.set_xlabel(METRIC_LABELS.get(key, key).replace(" (", "\n("), fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))                   # small values: no colliding tick labels
     _tidy(ax)
     ax.grid(axis="y", visible=False)
 
