@@ -29,7 +29,7 @@ from .backend import array_namespace, backend_name, get_xp
 from .checks import FLOAT_DTYPES, check_float_array
 from .config import MoEConfig
 from .router import RoutingCache, routing_backward, routing_forward
-from .router_capacity import capacity_backward, capacity_forward, capacity_keep, expert_capacity
+from .router_capacity import CapacityCache, capacity_backward, capacity_forward, capacity_keep, expert_capacity
 
 
 def param_shapes(cfg: MoEConfig) -> dict:
@@ -265,7 +265,7 @@ def moe_backward(dy, cache: MoECache, d_scores=None, d_expert_out=None, d_logits
         d_expert_out_y = d_expert_out_y + d_expert_out                  # fan-in: L_o's injection
     if c.keep is not None:                                               # capacity: dropped pairs get 0
         d_expert_out_y = d_expert_out_y * c.keep[:, :, None].astype(d_expert_out_y.dtype)
-        d_gates = capacity_backward(d_gates, c.keep)                     # [N, K]
+        d_gates = capacity_backward(d_gates, CapacityCache(c.keep))      # [N, K]
     dx_experts, grads["w_gate"], grads["w_up"], grads["w_down"] = \
         c.experts_backward(d_expert_out_y, c.experts)                   # routed experts: [N, D]
     d_logits_router = routing_backward(d_gates, c.router, d_scores)     # router: [N, E]
