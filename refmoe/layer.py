@@ -8,6 +8,7 @@ The composition, one line per piece (``refmoe.router``, ``refmoe.router_capacity
 
     z           = x W_r^T                            [N, E]   logits
     topk_idx, g = routing(z)                         [N, K]   score -> select (+ bias, groups) -> gates
+    P           = softmax(z), or s / sum_j s         [N, E]   the scores the losses read (s = sigma(z))
     g, keep     = capacity(topk_idx, g)              [N, K]   dropped pairs get g = 0 (capacity_factor only)
     x~          = experts(x, topk_idx) * keep        [N, K, D] unweighted outputs; a dropped pair's row is 0
     y_i         = sum_k g_ik x~_ik + a_i shared(x_i) [N, D]   a_i = sigma(x_i w_s^T) with shared_gate, else 1
@@ -118,15 +119,17 @@ class MoECache(NamedTuple):
 
     Under every router (``cfg.score_function``, ``cfg.gates``, bias, groups, capacity):
     logits     z = x W_r^T, always; the z-loss reads it
-    scores     P = softmax(z) or sigma(z) (the raw sigmoid, NOT normalised over the experts): what the gates
-               ("selected") are gathered from, and what L_aux / L_v read and inject d_scores into. Under
-               gates="topk_softmax" the gates come from the logits, and P = softmax(z) is kept for the losses.
+    scores     P [N, E], rows summing to 1 under every router: softmax(z), or under sigmoid scoring the
+               NORMALISED affinities s' = s / sum_j s (s = sigma(z) over ALL E experts), the quantity DeepSeek-V3's
+               and Megatron's balancing losses read. L_aux and L_v read P and inject d_scores into it. The raw
+               sigmoid s, from which the gates are gathered, is ``router.scores``. Under gates="topk_softmax" the
+               gates come from the logits and P = softmax(z) is kept for the losses.
     topk_idx   the selection: top-k of the logits or of P + bias, within the kept groups (before any dropping)
     gates      the combine weights actually used: renormalised / scaled as configured, 0 for a dropped pair
     keep       [N, K] bool, False for a pair dropped by capacity; None without capacity_factor
     """
     logits: object          # [N, E]   x W_r^T
-    scores: object          # [N, E]   softmax or (raw) sigmoid of the logits
+    scores: object          # [N, E]   softmax(z), or sigma(z) / sum_j sigma(z)_j under sigmoid scoring
     topk_idx: object        # [N, K]   int64, descending ranked value
     gates: object           # [N, K]   combine weights (0 for a dropped pair)
     expert_out: object      # [N, K, D] unweighted outputs of the selected experts, token-major; 0 rows for drops
@@ -143,6 +146,7 @@ class MoECache(NamedTuple):
     shared_score: object = None  # [N, 1] sigma(x w_s^T) with shared_gate, else None
     linear: object = None       # ops.LinearCache of the router's logits
     shared_linear: object = None  # ops.LinearCache of the shared gate's logit, or None
+    normalise: object = None    # ops.RenormCache of P = s / sum_j s under sigmoid scoring, else None
 
 
 def moe_forward(x, params: dict, cfg: MoEConfig):
@@ -168,6 +172,9 @@ def forward_with(experts, x, params: dict, cfg: MoEConfig):
 
     logits, linear = ops.linear_forward(x, params["w_router"])                  # [N, E]
     (topk_idx, gates), router = _route(logits, params, cfg)                      # [N, K]
+    scores, normalise = router.scores, None                                      # [N, E]
+    if cfg.score_function == "sigmoid":
+        scores, normalise = ops.renorm_forward(router.scores)                   # [N, E] s / sum_j s
     keep = None
     if cfg.capacity_factor is not None:
         keep = _capacity_keep(topk_idx, gates, cfg)                              # [N, K] bool
@@ -188,9 +195,10 @@ def forward_with(experts, x, params: dict, cfg: MoEConfig):
         else:
             y = y + shared_out
 
-    cache = MoECache(logits, router.scores, topk_idx, gates, expert_out, shared_out, x, cfg, params,
+    cache = MoECache(logits, scores, topk_idx, gates, expert_out, shared_out, x, cfg, params,
                      router, experts_cache, experts.experts_backward, shared,
-                     keep=keep, shared_score=shared_score, linear=linear, shared_linear=shared_linear)
+                     keep=keep, shared_score=shared_score, linear=linear, shared_linear=shared_linear,
+                     normalise=normalise)
     return y, cache
 
 
@@ -268,6 +276,8 @@ def moe_backward(dy, cache: MoECache, d_scores=None, d_expert_out=None, d_logits
         d_gates = capacity_backward(d_gates, CapacityCache(c.keep))      # [N, K]
     dx_experts, grads["w_gate"], grads["w_up"], grads["w_down"] = \
         c.experts_backward(d_expert_out_y, c.experts)                   # routed experts: [N, D]
+    if d_scores is not None and c.normalise is not None:
+        d_scores = ops.renorm_backward(d_scores, c.normalise)           # P = s / sum s: d on the raw sigmoid
     d_logits_router = routing_backward(d_gates, c.router, d_scores)     # router: [N, E]
     if d_logits is not None:
         d_logits_router = d_logits_router + d_logits                    # fan-in: the z-loss's injection

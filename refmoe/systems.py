@@ -99,7 +99,7 @@ SYSTEMS: dict[str, System] = {
     "deepseek_v3": System(
         overrides=dict(score_function="sigmoid", renorm="always", gate_eps=1e-20, routed_scaling_factor=2.5,
                        n_group=8, topk_group=4, group_score="top2_sum", expert_bias=True, n_shared=1),
-        balancing=("sys_aux", "deepseek_v3_seq"),
+        balancing=("aux", "deepseek_seq"),
         balancing_scope=("per sequence, on s' = s / sum_j s over all experts; f from the selection (bias and "
                          "groups included); the HF model computes none: the form and its small coefficient "
                          "(1e-4) are the DeepSeek-V3 paper's, reported, not read in code"),
@@ -144,7 +144,7 @@ SYSTEMS: dict[str, System] = {
                "with the lower token index; the expert-bias counts use the map AFTER dropping")),
     "megatron_sigmoid": System(
         overrides=dict(score_function="sigmoid", renorm="k_gt_1", gate_eps=1e-20, expert_bias=True),
-        balancing=("sys_aux", "megatron_aux_sigmoid"),
+        balancing=("sys_aux", "megatron_aux"),
         balancing_scope="micro-batch, on sigmoid(z) / (sum_j sigmoid(z)_j + 1e-20); " + _MCORE_AUX,
         balancing_coefficient=None, layers=_MCORE_LAYERS, z_loss=None, dropping="none",
         source=_MCORE_SOURCE,

@@ -9,11 +9,11 @@ A term reads the layer's intermediates and puts its gradient back on them:
     ortho   expert_out [N, K, D]          d_expert_out [N, K, D]          ``ORTHO_VARIANTS``
     var     scores [N, E], topk_idx       d_scores [N, E]                 ``VAR_VARIANTS``
     z       logits [N, E]                 d_logits [N, E]                 ("zloss",): the router z-loss
-    sys_aux scores [N, E], topk_idx       d_scores [N, E]                 ``SYSTEM_AUX_FORMS`` (DeepSeek-V3,
-                                                                          Megatron; ``refmoe.losses.aux_systems``)
+    sys_aux scores [N, E], topk_idx       d_scores [N, E]                 ``SYSTEM_AUX_FORMS`` (Megatron:
+                                                                          ``refmoe.losses.aux_systems``)
 
-``scores`` is ``MoECache.scores`` under every router: softmax, or the RAW sigmoid (not normalised over the
-experts; the sys_aux sigmoid forms normalise it themselves, L_v reads it as it is: docs/spec.md section 1.1).
+``scores`` is ``MoECache.scores`` under every router, rows summing to 1: softmax(z), or under sigmoid scoring the
+normalised affinities sigma(z) / sum_j sigma(z)_j, which every aux form and L_v read (docs/spec.md section 1.1).
 
 The objective, the golden writer, ``refmoe gradcheck`` and the gradient audit all go through
 :func:`term_forward` / :func:`term_backward`; the composition of several terms with their coefficients is
