@@ -73,7 +73,7 @@ def whole_layer_errors(xp, rng, cfg):
 def test_layer_gradient_each_option(xp, rng, option):
     cfg = MoEConfig(D, H, E, K, **OPTIONS[option])
     errs, cache, grads = whole_layer_errors(xp, rng, cfg)
-    assert_all_below(errs)  # measured <= 3e-9 for every option and parameter
+    assert_all_below(errs)  # measured <= 5e-10 for every option and parameter (2026-12-01)
     if cfg.expert_bias:
         assert not host(grads["expert_bias"]).any()
     if cfg.capacity_factor is not None:
@@ -83,7 +83,7 @@ def test_layer_gradient_each_option(xp, rng, option):
 @pytest.mark.parametrize("name", sorted(SYSTEMS))
 def test_layer_gradient_each_preset(xp, rng, name):
     errs, _, _ = whole_layer_errors(xp, rng, preset_config(name))
-    assert_all_below(errs)  # measured <= 3e-9 for every preset and parameter
+    assert_all_below(errs)  # measured <= 6e-10 for every preset and parameter (qwen2_moe shared_w_gate)
 
 
 # ----------------------------------------------------------------------------------------------
