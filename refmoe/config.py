@@ -28,9 +28,11 @@ class MoEConfig:
                    of either behaves as written.
 
     Routing (docs/spec.md sections 1 and 6; the named presets of ``refmoe.systems`` set these):
-    score_function         "softmax" (P = softmax(z)) or "sigmoid" (P = sigma(z), DeepSeek-V3, Megatron sigmoid)
-    renorm                 None (from norm_topk_prob), or the gates renormalised over the K selected scores: "always", "k_gt_1" (only when K > 1:
-                           Megatron sigmoid, the authors' MoEGate), "never" (DeepSeek-V2, Qwen default)
+    score_function         "softmax" (gates from softmax(z)) or "sigmoid" (gates from s = sigma(z): DeepSeek-V3,
+                           Megatron sigmoid; ``MoECache.scores`` is then s / sum_j s, what the losses read)
+    renorm                 None (from norm_topk_prob), or how the gates are renormalised over the K selected scores:
+                           "always", "k_gt_1" (only when K > 1: Megatron sigmoid, the authors' MoEGate), "never"
+                           (DeepSeek-V2, the Qwen / OLMoE config default)
     gate_eps               eps in the renormalisation's denominator (1e-20 in DeepSeek-V3 and Megatron sigmoid)
     routed_scaling_factor  gates multiplied by it after the renormalisation (> 0; 1.0 = no scaling)
     gates                  "selected": the gates are the selected scores (renormalised / scaled as above);

@@ -193,12 +193,12 @@ class ObjectiveResult(NamedTuple):
     y       [N, D] layer output
     cache   the layer's ``MoECache`` (scores, topk_idx, gates, expert_out ...)
     losses  dict of 0-d arrays (input dtype): 'aux', 'ortho', 'var' (and 'z' when zeta > 0) unweighted;
-            'regularisers' = alpha aux + beta ortho + gamma var (+ zeta z); 'task' = task_loss as given (None when not given);
-            'total' = task + regularisers ('total' = 'regularisers' when task_loss is None)
+            'regularisers' = alpha aux + beta ortho + gamma var (+ zeta z); 'task' = task_loss as given (None
+            when not given); 'total' = task + regularisers ('total' = 'regularisers' when task_loss is None)
     grads   dict term -> dict name -> array, names 'x' and every parameter. Terms: 'task' (from dy alone),
-            'aux', 'ortho', 'var', 'z' when zeta > 0 (each term's contribution to the total: the gradient of its value times its
-            coefficient) and 'total' (one backward pass with everything injected; equal to the sum of the four
-            up to round-off). This is refmoe's one per-term convention; the golden fixtures use it too.
+            'aux', 'ortho', 'var', 'z' when zeta > 0 (each term's contribution to the total: the gradient of its
+            value times its coefficient) and 'total' (one backward pass with everything injected; equal to the
+            sum of the others up to round-off). This is refmoe's one per-term convention; the golden fixtures use it too.
     """
     y: object
     cache: MoECache

@@ -53,7 +53,8 @@ _HF_NOTES = ("softmax in float32, selection on the float32 probs (refmoe ranks t
 _MCORE_SOURCE = (f"{_MCORE}: megatron/core/transformer/moe/moe_utils.py (topk_routing_with_score_function, "
                  "compute_routing_scores_for_aux_loss, switch_load_balancing_loss_func, z_loss_func, "
                  "apply_router_token_dropping), megatron/core/transformer/moe/router.py (TopKRouter)")
-_MCORE_LAYERS = "each layer's loss attached to its own probs (MoEAuxLossAutoScaler): summed over layers, x 1/num_microbatches"
+_MCORE_LAYERS = ("each layer's loss attached to its own probs (MoEAuxLossAutoScaler): summed over layers, "
+                 "x 1/num_microbatches")
 _MCORE_AUX = ("aux map: a fresh plain top-k of the aux scores (no bias, no groups, no capacity), so with capacity "
               "on the counts are those BEFORE dropping")
 
@@ -69,7 +70,8 @@ SYSTEMS: dict[str, System] = {
         balancing=("aux", "switch"), balancing_scope=_HF_SCOPE, balancing_coefficient=0.001,
         layers=_HF_LAYERS + "; dense layers (mlp_only_layers, decoder_sparse_step) add nothing",
         z_loss=None, dropping="none",
-        source=f"{_HF}: transformers/models/qwen2_moe/modeling_qwen2_moe.py (Qwen2MoeTopKRouter, Qwen2MoeSparseMoeBlock)",
+        source=(f"{_HF}: transformers/models/qwen2_moe/modeling_qwen2_moe.py (Qwen2MoeTopKRouter, "
+                "Qwen2MoeSparseMoeBlock)"),
         notes=_HF_NOTES + "; renorm from norm_topk_prob (config default False); the shared expert's hidden width "
               "is n_shared * d_hidden in refmoe, shared_expert_intermediate_size in the source"),
     "qwen3_moe": System(
