@@ -198,7 +198,8 @@ class ObjectiveResult(NamedTuple):
     grads   dict term -> dict name -> array, names 'x' and every parameter. Terms: 'task' (from dy alone),
             'aux', 'ortho', 'var', 'z' when zeta > 0 (each term's contribution to the total: the gradient of its
             value times its coefficient) and 'total' (one backward pass with everything injected; equal to the
-            sum of the others up to round-off). This is refmoe's one per-term convention; the golden fixtures use it too.
+            sum of the others up to round-off). This is refmoe's one per-term convention; the golden fixtures use
+            it too.
     """
     y: object
     cache: MoECache
