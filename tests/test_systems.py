@@ -191,3 +191,18 @@ def test_preset_balancing_loss_through_the_layer(rng, name):
         return np.concatenate([c.topk_idx, np.argsort(-c.scores, 1, kind="stable")[:, :K]], axis=1)
 
     assert_all_below(gc.check_vjp(phi, dict(params, x=x), grads, guard=guard))  # measured <= 1e-8
+
+
+@pytest.mark.parametrize("name", ["megatron_sigmoid", "deepseek_v3", "megatron_capacity"])
+def test_preset_float32_in_float32_out(rng, name):
+    cfg = small(name)
+    params = init_params(cfg, 6, dtype=np.float32)
+    x = rng.standard_normal((12, D)).astype(np.float32)
+    y, cache = moe_forward(x, params, cfg)
+    term, form = SYSTEMS[name].balancing
+    v, tc = term_forward(term, form, cache, batch_shape=(2, 6))
+    vz, tz = term_forward("z", "zloss", cache)
+    grads = moe_backward(np.ones_like(y), cache, d_scores=term_backward(1.0, tc).d_scores,
+                         d_logits=term_backward(1.0, tz).d_logits)
+    assert cache.scores.dtype == np.float32 and v.dtype == np.float32 and vz.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in grads.values())
