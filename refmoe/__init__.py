@@ -9,6 +9,7 @@ from . import gradcheck
 from .objective import (PRESETS, Objective, ObjectiveCache, ObjectiveResult, get_objective, objective_backward,
                         objective_forward, objective_forward_backward)
 from .autoscale import AutoscaleReport, autoscale_weights
+from .systems import SYSTEMS, System, system_config
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "Objective", "ObjectiveCache", "ObjectiveResult", "PRESETS", "get_objective", "objective_forward_backward",
     "objective_forward", "objective_backward",
     "AutoscaleReport", "autoscale_weights",
+    "SYSTEMS", "System", "system_config",
     "gradcheck", "get_xp", "backend_name", "array_namespace", "to_numpy", "to_backend", "cupy_available",
     "__version__",
 ]

@@ -191,7 +191,8 @@ def cache_loss(term: str, form: str):
 
     def on_cache(cache):
         value, tc = term_forward(term, form, cache)
-        d_scores, d_expert_out = term_backward(1.0, tc)
+        inj = term_backward(1.0, tc)
+        d_scores, d_expert_out = inj.d_scores, inj.d_expert_out
         return value, d_scores, d_expert_out
     return on_cache
 

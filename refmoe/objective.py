@@ -2,7 +2,7 @@ r"""The total objective of the method and its two named presets.
 
 Dimension letters: N tokens, D model width, E routed experts, K top-k.
 
-.. math:: L = L_h + \alpha L_{aux} + \beta L_o + \gamma L_v
+.. math:: L = L_h + \alpha L_{aux} + \beta L_o + \gamma L_v\ (+ \zeta L_z)
 
 L_h is the task loss (known to refmoe only through its upstream gradient ``dy`` on the layer output);
 L_aux, L_o and L_v are the regularisers of ``refmoe.losses``, each in a form chosen by name. An
@@ -76,6 +76,10 @@ class Objective:
                              code); the mask is then checked but not used by them
     ortho_target, var_target targets of the power-of-ten calibration (the released config values)
     name                     label shown in reports
+    zeta                     coefficient of the router z-loss L_z (>= 0, default 0). The z term enters ``forms``,
+                             the losses and the gradients only when zeta > 0, so an objective without it
+                             computes exactly what it did before the term existed
+    z_variant                its form, "zloss" (``refmoe.losses.zloss``: mean_t logsumexp(z_t)^2 on the logits)
     """
 
     aux_variant: str = "switch"
@@ -90,6 +94,8 @@ class Objective:
     ortho_target: float | None = None
     var_target: float | None = None
     name: str = "custom"
+    zeta: float = 0.0
+    z_variant: str = "zloss"
 
     def __post_init__(self):
         if self.aux_variant == "megatron_seq":
@@ -119,6 +125,9 @@ class Objective:
             _check_weight("ortho_eps", self.ortho_eps, allow_none=False)
         if not isinstance(self.name, str):
             raise TypeError("name must be a str")
+        _check_weight("zeta", self.zeta, allow_none=False)
+        if self.z_variant not in TERM_FORMS["z"]:
+            raise ValueError(f"z_variant={self.z_variant!r}; expected one of {list(TERM_FORMS['z'])}")
 
     @property
     def ortho_loss_variant(self) -> str:
@@ -128,12 +137,18 @@ class Objective:
     @property
     def forms(self) -> dict:
         """term -> form name, as :func:`refmoe.losses.term_forward` takes them."""
-        return {"aux": self.aux_variant, "ortho": self.ortho_loss_variant, "var": self.var_variant}
+        forms = {"aux": self.aux_variant, "ortho": self.ortho_loss_variant, "var": self.var_variant}
+        if self.zeta > 0:
+            forms["z"] = self.z_variant
+        return forms
 
     @property
     def coefficients(self) -> dict:
         """term -> coefficient (alpha, beta, gamma)."""
-        return {"aux": self.alpha, "ortho": self.beta, "var": self.gamma}
+        coefficients = {"aux": self.alpha, "ortho": self.beta, "var": self.gamma}
+        if self.zeta > 0:
+            coefficients["z"] = self.zeta
+        return coefficients
 
     @property
     def is_calibrated(self) -> bool:
@@ -177,13 +192,14 @@ class ObjectiveResult(NamedTuple):
 
     y       [N, D] layer output
     cache   the layer's ``MoECache`` (scores, topk_idx, gates, expert_out ...)
-    losses  dict of 0-d arrays (input dtype): 'aux', 'ortho', 'var' unweighted; 'regularisers' =
-            alpha aux + beta ortho + gamma var; 'task' = task_loss as given (None when not given);
-            'total' = task + regularisers ('total' = 'regularisers' when task_loss is None)
+    losses  dict of 0-d arrays (input dtype): 'aux', 'ortho', 'var' (and 'z' when zeta > 0) unweighted;
+            'regularisers' = alpha aux + beta ortho + gamma var (+ zeta z); 'task' = task_loss as given (None
+            when not given); 'total' = task + regularisers ('total' = 'regularisers' when task_loss is None)
     grads   dict term -> dict name -> array, names 'x' and every parameter. Terms: 'task' (from dy alone),
-            'aux', 'ortho', 'var' (each term's contribution to the total: the gradient of its value times its
-            coefficient) and 'total' (one backward pass with everything injected; equal to the sum of the four
-            up to round-off). This is refmoe's one per-term convention; the golden fixtures use it too.
+            'aux', 'ortho', 'var', 'z' when zeta > 0 (each term's contribution to the total: the gradient of its
+            value times its coefficient) and 'total' (one backward pass with everything injected; equal to the
+            sum of the others up to round-off). This is refmoe's one per-term convention; the golden fixtures use
+            it too.
     """
     y: object
     cache: MoECache
@@ -261,10 +277,13 @@ def compose_backward(dy, cache: MoECache, term_caches: dict, coefficients: dict,
     if per_term:
         grads["task"] = moe_backward(dy, cache)
         for t, inj in injections.items():
-            grads[t] = moe_backward(None, cache, d_scores=inj.d_scores, d_expert_out=inj.d_expert_out)
+            grads[t] = moe_backward(None, cache, d_scores=inj.d_scores, d_expert_out=inj.d_expert_out,
+                                    d_logits=inj.d_logits)
     d_scores = [inj.d_scores for inj in injections.values() if inj.d_scores is not None]           # [N, E] each
     d_expert_out = [inj.d_expert_out for inj in injections.values() if inj.d_expert_out is not None]  # [N, K, D]
-    grads["total"] = moe_backward(dy, cache, d_scores=_sum(d_scores), d_expert_out=_sum(d_expert_out))
+    d_logits = [inj.d_logits for inj in injections.values() if inj.d_logits is not None]             # [N, E] each
+    grads["total"] = moe_backward(dy, cache, d_scores=_sum(d_scores), d_expert_out=_sum(d_expert_out),
+                                  d_logits=_sum(d_logits))
     return grads
 
 
@@ -287,6 +306,8 @@ def objective_backward(dy, ocache: ObjectiveCache, *, task_loss=None, per_term: 
     task_loss = _check_task_loss(task_loss, array_namespace(cache.x))
     v = ocache.values
     regularisers = obj.alpha * v["aux"] + obj.beta * v["ortho"] + obj.gamma * v["var"]
+    if "z" in v:
+        regularisers = regularisers + obj.zeta * v["z"]
     total = regularisers if task_loss is None else task_loss + regularisers
     losses = {"task": task_loss, **v, "regularisers": regularisers, "total": total}
     grads = compose_backward(dy, cache, ocache.term_caches, obj.coefficients, per_term=per_term)

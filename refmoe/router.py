@@ -15,11 +15,13 @@ gradient. Losses that read the scores (L_aux, L_v) inject their gradient ``d_sco
 :func:`router_backward`, which adds it to the gradient that flows back from the gates. Derivations:
 ``theory/gradients.md``.
 
-The layer's router (:func:`router_forward`) is softmax -> top-k -> optional renormalisation. The pieces other
-systems use (sigmoid scores, a selection-only bias, group-limited selection, renormalisation only when K > 1,
-an eps in the denominator, a scaling factor) are here and in :mod:`refmoe.router_select` /
-:mod:`refmoe.router_capacity`, composed by :func:`routing_forward`; docs/spec.md section 7 gives each
-system's pseudo-code.
+The layer runs :func:`routing_forward` / :func:`routing_backward` on its logits, with the options of
+``MoEConfig`` (sigmoid scores, a selection-only bias, group-limited selection, renormalisation only when K > 1,
+an eps in the denominator, a scaling factor, Megatron's softmax over the selected logits); capacity dropping
+(:mod:`refmoe.router_capacity`) follows it in the layer. With the default config it computes exactly what
+:func:`router_forward` (softmax -> top-k -> optional renormalisation, kept as the shortest reading of the paper's
+router) computes, bit for bit. docs/spec.md section 7 gives each system's pseudo-code, ``refmoe.systems`` the
+presets.
 """
 from __future__ import annotations
 
@@ -201,7 +203,7 @@ def topk_softmax_gates_backward(d_gates, cache: TopkSoftmaxCache):
 
 
 # ----------------------------------------------------------------------------------------------
-# the layer's router: the three pieces in order
+# the paper's router: the three pieces in order (equal to routing_forward with the default config)
 # ----------------------------------------------------------------------------------------------
 
 def router_forward(x, w_router, top_k: int, norm_topk_prob: bool):
@@ -222,7 +224,7 @@ def router_backward(d_gates, cache: RouterCache, d_scores=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# the general routing step on logits (not wired into the layer): score -> select -> gates
+# the general routing step on logits, the layer's router: score -> select -> gates
 # ----------------------------------------------------------------------------------------------
 
 class RoutingCache(NamedTuple):

@@ -76,3 +76,14 @@ def capacity_forward(gates, keep):
 def capacity_backward(d_gates, cache: CapacityCache):
     r"""dg = d\tilde g \odot keep: exactly 0 for a dropped pair.  Returns [N, K]."""
     return d_gates * cache.keep.astype(d_gates.dtype)
+
+
+def kept_counts(topk_idx, keep, n_experts: int):
+    """counts [E]: (token, slot) pairs each expert actually processes, the final routing map after dropping
+    (``keep`` None: nothing dropped). Megatron's expert-bias update counts this map
+    (:func:`refmoe.router_select.expert_bias_update`). Integer output, no gradient."""
+    xp = array_namespace(topk_idx)
+    expert = topk_idx.reshape(-1).astype(xp.int64)
+    if keep is not None:
+        expert = expert[keep.reshape(-1)]
+    return xp.bincount(expert, minlength=n_experts)

@@ -362,3 +362,23 @@ def test_zloss_large_logits_and_float32(xp):
     assert np.isclose(float(loss), (1000 + np.log1p(np.exp(-1.0))) ** 2, rtol=1e-6)
     with pytest.raises(ValueError, match="logits must be"):
         zloss_forward(on(xp, np.zeros(3)))
+
+
+def test_kept_counts_and_bias_update_through_the_layer(rng):
+    """The expert-bias loop of DeepSeek-V3 / Megatron: counts of the final map (after capacity), one update step,
+    and the new bias moves the layer's selection towards the under-loaded experts."""
+    from refmoe import MoEConfig, init_params, moe_forward
+    from refmoe.router_capacity import kept_counts
+    cfg = MoEConfig(4, 3, 8, 2, score_function="sigmoid", expert_bias=True, capacity_factor=0.75)
+    params = init_params(cfg, 0)
+    x = rng.standard_normal((32, 4))
+    _, cache = moe_forward(x, params, cfg)
+    counts = kept_counts(cache.topk_idx, cache.keep, 8)
+    assert counts.sum() == cache.keep.sum() and (counts <= 6).all()            # C = ceil(32 * 2 / 8 * 0.75) = 6
+    full = kept_counts(cache.topk_idx, None, 8)
+    assert full.sum() == 64
+    bias = expert_bias_update(params["expert_bias"], full, rate=0.05)
+    under = full < full.mean()
+    assert (bias[under] == 0.05).all() and (bias[full > full.mean()] == -0.05).all()
+    _, after = moe_forward(x, dict(params, expert_bias=bias), cfg)
+    assert kept_counts(after.topk_idx, None, 8)[under].sum() >= full[under].sum()

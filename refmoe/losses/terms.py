@@ -8,6 +8,12 @@ A term reads the layer's intermediates and puts its gradient back on them:
     aux     scores [N, E], topk_idx       d_scores [N, E]                 ``AUX_VARIANTS``
     ortho   expert_out [N, K, D]          d_expert_out [N, K, D]          ``ORTHO_VARIANTS``
     var     scores [N, E], topk_idx       d_scores [N, E]                 ``VAR_VARIANTS``
+    z       logits [N, E]                 d_logits [N, E]                 ("zloss",): the router z-loss
+    sys_aux scores [N, E], topk_idx       d_scores [N, E]                 ``SYSTEM_AUX_FORMS`` (Megatron:
+                                                                          ``refmoe.losses.aux_systems``)
+
+``scores`` is ``MoECache.scores`` under every router, rows summing to 1: softmax(z), or under sigmoid scoring the
+normalised affinities sigma(z) / sum_j sigma(z)_j, which every aux form and L_v read (docs/spec.md section 1.1).
 
 The objective, the golden writer, ``refmoe gradcheck`` and the gradient audit all go through
 :func:`term_forward` / :func:`term_backward`; the composition of several terms with their coefficients is
@@ -19,16 +25,20 @@ from typing import NamedTuple
 
 from ..checks import resolve_batch_shape
 from .aux import AUX_VARIANTS, aux_loss_backward, aux_loss_forward
+from .aux_systems import SYSTEM_AUX_FORMS, system_aux_backward, system_aux_forward
 from .ortho import ORTHO_VARIANTS, ortho_loss_backward, ortho_loss_forward
 from .variance import VAR_VARIANTS, var_loss_backward, var_loss_forward
+from .zloss import zloss_backward, zloss_forward
 
-TERM_FORMS = {"aux": tuple(AUX_VARIANTS), "ortho": tuple(ORTHO_VARIANTS), "var": tuple(VAR_VARIANTS)}
+TERM_FORMS = {"aux": tuple(AUX_VARIANTS), "ortho": tuple(ORTHO_VARIANTS), "var": tuple(VAR_VARIANTS),
+              "z": ("zloss",), "sys_aux": tuple(SYSTEM_AUX_FORMS)}
 
 
 class Injection(NamedTuple):
     """A term's gradient on the layer's intermediates; the one it does not read is None."""
     d_scores: object        # [N, E] or None
     d_expert_out: object    # [N, K, D] or None
+    d_logits: object = None  # [N, E] or None (the z-loss)
 
 
 class TermCache(NamedTuple):
@@ -42,7 +52,7 @@ def term_forward(term: str, form: str, cache, *, valid_mask=None, batch_shape=No
 
     cache        the layer's ``MoECache`` (its ``scores``, ``topk_idx`` and ``expert_out`` are read)
     valid_mask   optional [N] bool, True = real token; the term leaves padding out
-    batch_shape  (B, T) layout of the tokens for the per-sequence L_aux forms; None = one sequence (1, N)
+    batch_shape  (B, T) layout of the tokens for the per-sequence L_aux / sys_aux forms; None = one sequence (1, N)
     eps          L_o's eps (None: the form's default); only for term "ortho"
     """
     if term not in TERM_FORMS:
@@ -57,8 +67,13 @@ def term_forward(term: str, form: str, cache, *, valid_mask=None, batch_shape=No
     elif term == "ortho":
         value, c = ortho_loss_forward(cache.expert_out, form, eps=eps, topk_idx=cache.topk_idx,
                                       valid_mask=valid_mask)
-    else:
+    elif term == "var":
         value, c = var_loss_forward(cache.scores, cache.topk_idx, form, valid_mask=valid_mask)
+    elif term == "z":
+        value, c = zloss_forward(cache.logits, valid_mask)
+    else:
+        value, c = system_aux_forward(cache.scores, cache.topk_idx, form, valid_mask=valid_mask,
+                                      batch_shape=resolve_batch_shape(batch_shape, cache.scores.shape[0]))
     return value, TermCache(term, form, c)
 
 
@@ -68,4 +83,8 @@ def term_backward(dloss, tcache: TermCache) -> Injection:
         return Injection(aux_loss_backward(dloss, tcache.loss_cache), None)
     if tcache.term == "ortho":
         return Injection(None, ortho_loss_backward(dloss, tcache.loss_cache))
-    return Injection(var_loss_backward(dloss, tcache.loss_cache), None)
+    if tcache.term == "var":
+        return Injection(var_loss_backward(dloss, tcache.loss_cache), None)
+    if tcache.term == "z":
+        return Injection(None, None, zloss_backward(dloss, tcache.loss_cache))
+    return Injection(system_aux_backward(dloss, tcache.loss_cache), None)
