@@ -88,3 +88,64 @@ def resolve_batch_shape(batch_shape, n_tokens: int) -> tuple:
     if B < 1 or T < 1 or B * T != n_tokens:
         raise ValueError(f"batch_shape={(B, T)} does not tile N={n_tokens} tokens (need B * T = N)")
     return (B, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# upstream scalars and finite outputs
+# ----------------------------------------------------------------------------------------------
+
+def check_dloss(dloss, ref, name: str = "dloss"):
+    """The upstream gradient of a scalar loss, as a scalar of ``ref``'s dtype (on ``ref``'s backend).
+
+    Accepts a real Python or NumPy number, or a 0-d / size-1 real array of ``ref``'s library; it must be
+    finite. It is cast to ``ref.dtype``, so a float64 ``dloss`` never promotes a float32 gradient."""
+    if isinstance(dloss, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got a bool")
+    if isinstance(dloss, (int, float, np.integer, np.floating)):
+        if not np.isfinite(float(dloss)):
+            raise ValueError(f"{name}={float(dloss)!r} is not finite")
+        return ref.dtype.type(dloss)
+    if isinstance(dloss, (complex, np.complexfloating)):
+        raise TypeError(f"{name} must be a real number, got complex {dloss!r}")
+    try:
+        xp = array_namespace(dloss, ref)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be a real number or a 0-d array like the cache's: {exc}") from None
+    if dloss.size != 1:
+        raise ValueError(f"{name} must be a scalar (0-d or size-1 array), got shape {tuple(dloss.shape)}")
+    if dloss.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be real, got dtype {dloss.dtype}")
+    if not bool(xp.isfinite(dloss).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return dloss.reshape(()).astype(ref.dtype)
+
+
+def all_finite(xp, *arrays) -> bool:
+    """True when every entry of every array is finite: one fused reduction per array, one host sync in all."""
+    flags = [xp.isfinite(a).all() for a in arrays if a is not None]
+    if not flags:
+        return True
+    return bool(xp.stack(flags).all()) if len(flags) > 1 else bool(flags[0])
+
+
+def first_not_finite(xp, named: dict):
+    """The first name of ``named`` (name -> array or None) whose array has a NaN or inf, or None."""
+    for name, a in named.items():
+        if a is not None and not bool(xp.isfinite(a).all()):
+            return name
+    return None
+
+
+def max_abs(a) -> float:
+    """max |a| as a Python float (a host sync; used only to word an error)."""
+    return float(abs(a).max())
+
+
+def not_finite_error(what: str, inputs: dict, dtype) -> ValueError:
+    """The error for a non-finite result whose inputs (name -> array or number) are all finite: they are too
+    large for ``dtype``; the message names each with its largest magnitude."""
+    sizes = ", ".join(f"max |{k}| = {max_abs(v) if hasattr(v, 'shape') else abs(float(v)):.3g}"
+                      for k, v in inputs.items())
+    names = " and ".join(inputs)
+    verb = "is" if len(inputs) == 1 else "are"
+    return ValueError(f"{what} is not finite: {names} {verb} finite but too large ({sizes}) for {np.dtype(dtype)}")
