@@ -12,9 +12,10 @@ from .backend import array_namespace
 FLOAT_DTYPES = (np.float32, np.float64)
 
 
-def check_float_array(a, name: str, layout: str):
+def check_float_array(a, name: str, layout: str, finite: bool = True):
     """``a`` is a NumPy/CuPy float32/float64 array laid out as ``layout`` (e.g. "[N, K, D]"), no axis empty,
-    every entry finite. Returns its namespace."""
+    every entry finite (not checked when ``finite`` is False: the caller checks its outputs instead).
+    Returns its namespace."""
     xp = array_namespace(a)
     if a.ndim != layout.count(",") + 1:
         raise ValueError(f"{name} must be {layout}, got shape {tuple(a.shape)}")
@@ -22,7 +23,7 @@ def check_float_array(a, name: str, layout: str):
         raise ValueError(f"{name} has an empty dimension: shape {tuple(a.shape)}")
     if a.dtype.type not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {a.dtype}; use float32 or float64")
-    if not bool(xp.isfinite(a).all()):
+    if finite and not bool(xp.isfinite(a).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return xp
 

@@ -22,7 +22,7 @@ import numpy as np
 from . import experts as routed_experts
 from . import ops
 from .backend import array_namespace, backend_name, get_xp
-from .checks import FLOAT_DTYPES, check_float_array
+from .checks import FLOAT_DTYPES, all_finite, check_float_array, first_not_finite, max_abs, not_finite_error
 from .config import MoEConfig
 from .router import RouterCache, router_backward, router_forward
 
@@ -89,8 +89,21 @@ def _check_input(x, params, cfg: MoEConfig):
     for name, w in params.items():
         if w.dtype != x.dtype:
             raise TypeError(f"params[{name!r}] is {w.dtype} but x is {x.dtype}; cast one explicitly")
-    check_float_array(x, "x", "[N, D]")
+    check_float_array(x, "x", "[N, D]", finite=False)          # finiteness: checked on y (one reduction)
     return xp
+
+
+def _not_finite_inputs(xp, what, named: dict, dtype) -> ValueError:
+    """The error for a non-finite result ``what``: the first input (name -> array) with a NaN or inf, or else
+    the inputs with the largest magnitudes, which are then finite but too large for ``dtype``."""
+    bad = first_not_finite(xp, named)
+    if bad is not None:
+        return ValueError(f"{bad} contains NaN or inf")
+    present = {k: v for k, v in named.items() if v is not None}
+    first = next(iter(present))                              # x or dy: always named
+    largest = max((k for k in present if k != first), key=lambda k: max_abs(present[k]), default=None)
+    shown = {first: present[first]} if largest is None else {first: present[first], largest: present[largest]}
+    return not_finite_error(what, shown, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +131,14 @@ class MoECache(NamedTuple):
 def moe_forward(x, params: dict, cfg: MoEConfig):
     """Forward pass of the layer.  x: [N, D] -> (y [N, D], MoECache).
 
-    Raises ValueError / TypeError for bad shapes, dtypes, non-finite x or a NumPy/CuPy mix.
+    Raises ValueError / TypeError for bad shapes, dtypes or a NumPy/CuPy mix, and ValueError when y is not
+    finite, naming the input that holds a NaN or inf ("params['w_up'] contains NaN or inf"), or, when every
+    input is finite, the ones too large for the dtype ("layer output y is not finite: x and
+    params['w_router'] are finite but too large (max |x| = 1e+30, ...) for float32").
+    The cache keeps a snapshot of the ``params`` dict (the same arrays): rebinding a key afterwards does not
+    reach the backward, but the arrays are not copied, so update them in place only after ``moe_backward``.
+    Numerics: one fused finite-check reduction on y (one host sync); the inputs are searched only when it fails.
+    A non-finite weight that no token reads (an expert nobody routes to) leaves y finite and is not reported.
     """
     return forward_with(routed_experts, x, params, cfg)
 
@@ -133,18 +153,22 @@ def forward_with(experts, x, params: dict, cfg: MoEConfig):
     if not isinstance(cfg, MoEConfig):
         raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
     _check_params(params, cfg)
-    _check_input(x, params, cfg)
+    xp = _check_input(x, params, cfg)
     params = dict(params)
 
-    (topk_idx, gates), router = router_forward(x, params["w_router"], cfg.top_k, cfg.norm_topk_prob)
-    expert_out, experts_cache = experts.experts_forward(
-        x, params["w_gate"], params["w_up"], params["w_down"], topk_idx)        # [N, K, D]
-    y = _combine(gates, expert_out)                                              # [N, D]
-    shared_out = shared = None
-    if cfg.n_shared:
-        shared_out, shared = ops.swiglu_forward(
-            x, params["shared_w_gate"], params["shared_w_up"], params["shared_w_down"])   # [N, D]
-        y = y + shared_out
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):    # a non-finite y raises below
+        (topk_idx, gates), router = router_forward(x, params["w_router"], cfg.top_k, cfg.norm_topk_prob)
+        expert_out, experts_cache = experts.experts_forward(
+            x, params["w_gate"], params["w_up"], params["w_down"], topk_idx)    # [N, K, D]
+        y = _combine(gates, expert_out)                                          # [N, D]
+        shared_out = shared = None
+        if cfg.n_shared:
+            shared_out, shared = ops.swiglu_forward(
+                x, params["shared_w_gate"], params["shared_w_up"], params["shared_w_down"])   # [N, D]
+            y = y + shared_out
+    if not all_finite(xp, y):
+        raise _not_finite_inputs(xp, "layer output y", {"x": x, **{f"params[{k!r}]": w for k, w in params.items()}},
+                                 x.dtype)
 
     cache = MoECache(router.logits, router.scores, topk_idx, gates, expert_out, shared_out, x, cfg, params,
                      router, experts_cache, experts.experts_backward, shared)
@@ -173,6 +197,9 @@ def moe_backward(dy, cache: MoECache, d_scores=None, d_expert_out=None) -> dict:
     d_expert_out  optional [N, K, D] gradient on the unweighted expert outputs (L_o)
     ``dy`` may be None when only the injected gradients are wanted (dy = 0).
     The top-k indices have zero gradient (the selection is piecewise constant).
+    Raises ValueError when a gradient is not finite, naming the upstream array that holds a NaN or inf
+    ("d_scores contains NaN or inf"), or, when all are finite, the ones too large for the dtype.
+    Numerics: one fused finite-check reduction per gradient and a single host sync for all of them.
     """
     c, cfg = cache, cache.cfg
     N, D, K, E = c.x.shape[0], cfg.d_model, cfg.top_k, cfg.n_experts
@@ -182,21 +209,26 @@ def moe_backward(dy, cache: MoECache, d_scores=None, d_expert_out=None) -> dict:
     _check_upstream("dy", dy, (N, D), c.x)
     _check_upstream("d_scores", d_scores, (N, E), c.x)
     _check_upstream("d_expert_out", d_expert_out, (N, K, D), c.x)
-    grads = {}
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):    # a non-finite gradient raises below
+        grads = {}
+        dx_shared = 0
+        if cfg.n_shared:                                                 # shared experts
+            dx_shared, grads["shared_w_gate"], grads["shared_w_up"], grads["shared_w_down"] = \
+                ops.swiglu_backward(dy, c.shared)
+        d_gates = xp.einsum("nd,nkd->nk", dy, c.expert_out)             # combine: [N, K]
+        d_expert_out_y = c.gates[:, :, None] * dy[:, None, :]            # combine: [N, K, D]
+        if d_expert_out is not None:
+            d_expert_out_y = d_expert_out_y + d_expert_out              # fan-in: L_o's injection
+        dx_experts, grads["w_gate"], grads["w_up"], grads["w_down"] = \
+            c.experts_backward(d_expert_out_y, c.experts)               # routed experts: [N, D]
+        dx_router, grads["w_router"] = router_backward(d_gates, c.router, d_scores)   # router: [N, D]
 
-    dx_shared = 0
-    if cfg.n_shared:                                                     # shared experts
-        dx_shared, grads["shared_w_gate"], grads["shared_w_up"], grads["shared_w_down"] = \
-            ops.swiglu_backward(dy, c.shared)
-    d_gates = xp.einsum("nd,nkd->nk", dy, c.expert_out)                 # combine: [N, K]
-    d_expert_out_y = c.gates[:, :, None] * dy[:, None, :]                # combine: [N, K, D]
-    if d_expert_out is not None:
-        d_expert_out_y = d_expert_out_y + d_expert_out                  # fan-in: L_o's injection
-    dx_experts, grads["w_gate"], grads["w_up"], grads["w_down"] = \
-        c.experts_backward(d_expert_out_y, c.experts)                   # routed experts: [N, D]
-    dx_router, grads["w_router"] = router_backward(d_gates, c.router, d_scores)   # router: [N, D]
-
-    grads["x"] = dx_router + dx_experts + dx_shared
+        grads["x"] = dx_router + dx_experts + dx_shared
+    if not all_finite(xp, *grads.values()):
+        bad = next(k for k, g in grads.items() if not bool(xp.isfinite(g).all()))
+        upstream = {"dy": dy, "d_scores": d_scores, "d_expert_out": d_expert_out, "x": c.x,
+                    **{f"params[{k!r}]": w for k, w in c.params.items()}}
+        raise _not_finite_inputs(xp, f"gradient grads[{bad!r}]", upstream, c.x.dtype)
     return grads
 
 

@@ -216,3 +216,84 @@ def test_dloss_overflow_raises_naming_dloss(rng):
     _, cache = ortho_loss_forward(A)
     with pytest.raises(ValueError, match=r"d_expert_out of L_o .*dloss and expert_out are finite but too large"):
         ortho_loss_backward(3e38, cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# the layer: non-finite inputs and overflow are named, never returned
+# ----------------------------------------------------------------------------------------------
+
+from refmoe import MoEConfig, init_params, moe_backward, moe_forward  # noqa: E402
+
+CFG = MoEConfig(d_model=5, d_hidden=3, n_experts=4, top_k=2, n_shared=1)
+PARAM_NAMES = ["w_router", "w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down"]
+
+
+def _layer(xp, rng, dtype=np.float64, n=7):
+    params = init_params(CFG, rng, dtype=dtype, backend="cupy" if xp is not np else "numpy")
+    x = on(xp, rng.standard_normal((n, CFG.d_model)).astype(dtype))
+    return params, x
+
+
+@pytest.mark.parametrize("name", PARAM_NAMES)
+def test_nan_in_a_parameter_is_named(xp, rng, name):
+    params, x = _layer(xp, rng)
+    bad = params[name].copy()
+    bad[...] = np.nan                        # every entry: whichever expert a token reads, it meets the NaN
+    with pytest.raises(ValueError, match=rf"params\['{name}'\] contains NaN or inf"):
+        moe_forward(x, {**params, name: bad}, CFG)
+
+
+def test_nan_in_x_is_named(xp, rng):
+    params, x = _layer(xp, rng)
+    x[3, 2] = np.inf
+    with pytest.raises(ValueError, match=r"^x contains NaN or inf"):
+        moe_forward(x, params, CFG)
+
+
+def test_large_finite_x_overflow_is_named(xp, rng):
+    params, x = _layer(xp, rng, np.float32)
+    with pytest.raises(ValueError, match=r"layer output y is not finite: x and params\['\w+'\] are finite but "
+                                         r"too large \(max \|x\| = 1e\+30.*float32"):
+        moe_forward(x * np.float32(1e30) / abs(x).max(), params, CFG)
+
+
+@pytest.mark.parametrize("upstream", ["dy", "d_scores", "d_expert_out"])
+def test_nan_upstream_gradient_is_named(xp, rng, upstream):
+    params, x = _layer(xp, rng)
+    y, cache = moe_forward(x, params, CFG)
+    arrays = {"dy": xp.ones_like(y), "d_scores": xp.ones_like(cache.scores),
+              "d_expert_out": xp.ones_like(cache.expert_out)}
+    arrays[upstream][0, 1] = np.nan
+    with pytest.raises(ValueError, match=rf"^{upstream} contains NaN or inf"):
+        moe_backward(arrays["dy"], cache, d_scores=arrays["d_scores"], d_expert_out=arrays["d_expert_out"])
+
+
+def test_backward_overflow_is_named(xp, rng):
+    params, x = _layer(xp, rng, np.float32)
+    y, cache = moe_forward(x, params, CFG)
+    with pytest.raises(ValueError, match=r"gradient grads\['\w+'\] is not finite: dy .*finite but too large"):
+        moe_backward(xp.full_like(y, 3e38), cache)
+
+
+def test_objective_refuses_non_finite_task_loss(rng):
+    from refmoe.objective import objective_forward_backward
+    params, x = _layer(np, rng)
+    for bad in (float("nan"), np.asarray(np.inf)):
+        with pytest.raises(ValueError, match="task_loss"):
+            objective_forward_backward(x, params, CFG, dy=np.ones_like(x), task_loss=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache keeps a snapshot of the params dict
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", PARAM_NAMES)
+def test_rebinding_a_param_after_forward_does_not_change_backward(rng, name):
+    params, x = _layer(np, rng)
+    y, cache = moe_forward(x, params, CFG)
+    dy = rng.standard_normal(y.shape)
+    before = moe_backward(dy, cache)
+    params[name] = params[name] * 3.0 + 1.0           # rebinding the key: a new array
+    after = moe_backward(dy, cache)
+    for k in before:
+        assert np.array_equal(before[k], after[k]), k
