@@ -137,7 +137,8 @@ def moe_forward(x, params: dict, cfg: MoEConfig):
     params['w_router'] are finite but too large (max |x| = 1e+30, ...) for float32").
     The cache keeps a snapshot of the ``params`` dict (the same arrays): rebinding a key afterwards does not
     reach the backward, but the arrays are not copied, so update them in place only after ``moe_backward``.
-    Numerics: one fused finite-check reduction on y (one host sync); the inputs are searched only when it fails.
+    Numerics: one sum of y and one host sync check it (``refmoe.checks.all_finite``); the inputs are searched
+    only when it fails.
     A non-finite weight that no token reads (an expert nobody routes to) leaves y finite and is not reported.
     """
     return forward_with(routed_experts, x, params, cfg)
@@ -199,7 +200,7 @@ def moe_backward(dy, cache: MoECache, d_scores=None, d_expert_out=None) -> dict:
     The top-k indices have zero gradient (the selection is piecewise constant).
     Raises ValueError when a gradient is not finite, naming the upstream array that holds a NaN or inf
     ("d_scores contains NaN or inf"), or, when all are finite, the ones too large for the dtype.
-    Numerics: one fused finite-check reduction per gradient and a single host sync for all of them.
+    Numerics: one sum per gradient and a single host sync for all of them (``refmoe.checks.all_finite``).
     """
     c, cfg = cache, cache.cfg
     N, D, K, E = c.x.shape[0], cfg.d_model, cfg.top_k, cfg.n_experts

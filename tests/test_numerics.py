@@ -297,3 +297,16 @@ def test_rebinding_a_param_after_forward_does_not_change_backward(rng, name):
     after = moe_backward(dy, cache)
     for k in before:
         assert np.array_equal(before[k], after[k]), k
+
+
+def test_all_finite_sum_shortcut(xp):
+    from refmoe.checks import all_finite
+    big = on(xp, np.full((4, 3), 3e38, np.float32))             # finite entries whose sum overflows
+    ok = on(xp, np.ones(5))
+    assert all_finite(xp, big) and all_finite(xp, ok, big, None)
+    for bad in (np.nan, np.inf, -np.inf):
+        a = on(xp, np.ones((2, 3)))
+        a[1, 2] = bad
+        assert not all_finite(xp, ok, a)
+    pm = on(xp, np.array([np.inf, -np.inf]))                    # inf - inf: the sum is NaN, also caught
+    assert not all_finite(xp, pm)
