@@ -27,8 +27,8 @@ from typing import Callable, NamedTuple
 
 from .. import ops
 from ..backend import array_namespace
-from ..checks import check_dloss, check_mask, check_scores, check_topk, mask_weights, not_finite_error, \
-    resolve_batch_shape
+from ..checks import (all_finite, check_dloss, check_mask, check_scores, check_topk, mask_weights,
+                      not_finite_error, resolve_batch_shape)
 
 
 class AuxInputs(NamedTuple):
@@ -174,6 +174,6 @@ def aux_loss_backward(dloss, cache: AuxCache):
     dq = cache.weights * dloss                                   # [N, E]
     if cache.topk_cache is not None:
         dq = ops.topk_scores_backward(dq, cache.topk_cache)
-    if not bool(array_namespace(dq).isfinite(dq).all()):
+    if not all_finite(array_namespace(dq), dq):
         raise not_finite_error("d_scores of L_aux", {"dloss": dloss}, dq.dtype)
     return dq

@@ -51,7 +51,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import array_namespace
-from ..checks import check_dloss, check_float_array, check_mask, check_topk, mask_weights, not_finite_error
+from ..checks import all_finite, check_dloss, check_float_array, check_mask, check_topk, mask_weights, not_finite_error
 from .ortho_span import span_backward, span_per_token
 
 class OrthoVariant(NamedTuple):
@@ -226,12 +226,14 @@ def ortho_loss_forward(expert_out, variant: str = "pairwise", *, eps=None, topk_
         loss = (weights * pairwise_per_token(expert_out, eps)).sum()
     elif variant == "span":
         weights = valid / (K * n_valid)
-        loss = (weights * span_per_token(expert_out, eps)).sum()
+        with np.errstate(over="ignore", invalid="ignore"):      # a non-finite loss raises below
+            loss = (weights * span_per_token(expert_out, eps)).sum()
     else:
         order = code_grouping_order(topk_idx, mask)              # [N_v*K]
         grouped = _grouped(expert_out, order)                    # [N_v, K, D]
         weights = xp.full(grouped.shape[0], 1.0 / (K * grouped.shape[0]), dtype=expert_out.dtype)
-        loss = (weights * span_per_token(grouped, eps)).sum()
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss = (weights * span_per_token(grouped, eps)).sum()
     if not bool(xp.isfinite(loss)):
         raise not_finite_error(f"L_o ({variant}) = {float(loss)}", {"expert_out": expert_out}, expert_out.dtype)
     return loss, OrthoCache(variant, eps, expert_out, weights, order)
@@ -251,14 +253,16 @@ def ortho_loss_backward(dloss, cache: OrthoCache):
     if cache.variant == "pairwise":
         dA = pairwise_backward(g, A, cache.eps)
     elif cache.variant == "span":
-        dA = span_backward(g, A, cache.eps)
+        with np.errstate(over="ignore", invalid="ignore"):      # a non-finite gradient raises below
+            dA = span_backward(g, A, cache.eps)
     else:
         N, K, D = A.shape
-        d_grouped = span_backward(g, _grouped(A, cache.order), cache.eps)      # [N_v, K, D]
+        with np.errstate(over="ignore", invalid="ignore"):
+            d_grouped = span_backward(g, _grouped(A, cache.order), cache.eps)  # [N_v, K, D]
         d_flat = xp.zeros((N * K, D), dtype=A.dtype)
         d_flat[cache.order] = d_grouped.reshape(-1, D)           # a permutation of distinct rows: no duplicates
         dA = d_flat.reshape(N, K, D)
-    if not bool(xp.isfinite(dA).all()):
+    if not all_finite(xp, dA):
         raise not_finite_error(f"d_expert_out of L_o ({cache.variant})", {"dloss": dloss, "expert_out": A}, A.dtype)
     return dA
 

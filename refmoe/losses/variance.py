@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import ops
 from ..backend import array_namespace
-from ..checks import check_dloss, check_mask, check_scores, check_topk, mask_weights, not_finite_error
+from ..checks import all_finite, check_dloss, check_mask, check_scores, check_topk, mask_weights, not_finite_error
 
 class VarCache(NamedTuple):
     variant: str
@@ -146,7 +146,7 @@ def var_loss_backward(dloss, cache: VarCache):
         d_scores = ops.topk_scores_backward(dq, cache.topk_cache)    # dS [N, E] -> d_scores
     else:
         d_scores = ops.topk_scores_backward(None, cache.topk_cache, d_s_sel=dq)   # d_s_sel [N, K] -> d_scores
-    if not bool(array_namespace(d_scores).isfinite(d_scores).all()):
+    if not all_finite(array_namespace(d_scores), d_scores):
         raise not_finite_error(f"d_scores of L_v ({cache.variant})", {"dloss": dloss}, d_scores.dtype)
     return d_scores
 
