@@ -223,7 +223,8 @@ def ortho_loss_forward(expert_out, variant: str = "pairwise", *, eps=None, topk_
     order = None
     if variant == "pairwise":
         weights = valid                                          # a plain sum over valid tokens
-        loss = (weights * pairwise_per_token(expert_out, eps)).sum()
+        with np.errstate(over="ignore"):                       # a non-finite loss raises below
+            loss = (weights * pairwise_per_token(expert_out, eps)).sum()
     elif variant == "span":
         weights = valid / (K * n_valid)
         with np.errstate(over="ignore", invalid="ignore"):      # a non-finite loss raises below
