@@ -12,9 +12,10 @@ from .backend import array_namespace
 FLOAT_DTYPES = (np.float32, np.float64)
 
 
-def check_float_array(a, name: str, layout: str):
+def check_float_array(a, name: str, layout: str, finite: bool = True):
     """``a`` is a NumPy/CuPy float32/float64 array laid out as ``layout`` (e.g. "[N, K, D]"), no axis empty,
-    every entry finite. Returns its namespace."""
+    every entry finite (not checked when ``finite`` is False: the caller checks its outputs instead).
+    Returns its namespace."""
     xp = array_namespace(a)
     if a.ndim != layout.count(",") + 1:
         raise ValueError(f"{name} must be {layout}, got shape {tuple(a.shape)}")
@@ -22,7 +23,7 @@ def check_float_array(a, name: str, layout: str):
         raise ValueError(f"{name} has an empty dimension: shape {tuple(a.shape)}")
     if a.dtype.type not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {a.dtype}; use float32 or float64")
-    if not bool(xp.isfinite(a).all()):
+    if finite and not bool(xp.isfinite(a).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return xp
 
@@ -88,3 +89,73 @@ def resolve_batch_shape(batch_shape, n_tokens: int) -> tuple:
     if B < 1 or T < 1 or B * T != n_tokens:
         raise ValueError(f"batch_shape={(B, T)} does not tile N={n_tokens} tokens (need B * T = N)")
     return (B, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# upstream scalars and finite outputs
+# ----------------------------------------------------------------------------------------------
+
+def check_dloss(dloss, ref, name: str = "dloss"):
+    """The upstream gradient of a scalar loss, as a scalar of ``ref``'s dtype (on ``ref``'s backend).
+
+    Accepts a real Python or NumPy number, or a 0-d / size-1 real array of ``ref``'s library; it must be
+    finite. It is cast to ``ref.dtype``, so a float64 ``dloss`` never promotes a float32 gradient."""
+    if isinstance(dloss, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got a bool")
+    if isinstance(dloss, (int, float, np.integer, np.floating)):
+        if not np.isfinite(float(dloss)):
+            raise ValueError(f"{name}={float(dloss)!r} is not finite")
+        return ref.dtype.type(dloss)
+    if isinstance(dloss, (complex, np.complexfloating)):
+        raise TypeError(f"{name} must be a real number, got complex {dloss!r}")
+    try:
+        xp = array_namespace(dloss, ref)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be a real number or a 0-d array like the cache's: {exc}") from None
+    if dloss.size != 1:
+        raise ValueError(f"{name} must be a scalar (0-d or size-1 array), got shape {tuple(dloss.shape)}")
+    if dloss.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be real, got dtype {dloss.dtype}")
+    if not bool(xp.isfinite(dloss).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return dloss.reshape(()).astype(ref.dtype)
+
+
+def all_finite(xp, *arrays) -> bool:
+    """True when every entry of every array is finite: one sum per array and one host sync in all.
+
+    A NaN or inf entry makes its array's sum NaN or inf, so finite sums prove finite entries; a sum of finite
+    entries can still overflow, and only then is each array checked entry by entry. A sum reads each array
+    once with no temporary; ``isfinite(a).all()`` writes a bool array first: on an H200, for the 5.9e8
+    gradient entries of the 16B shape, 0.60 ms against 3.67 ms (0.6% against 3.9% of a 94 ms step)."""
+    arrays = [a for a in arrays if a is not None]
+    if not arrays:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        sums = xp.stack([a.sum() for a in arrays])                   # [n_arrays]
+    if bool(xp.isfinite(sums).all()):
+        return True
+    return all(bool(xp.isfinite(a).all()) for a in arrays)
+
+
+def first_not_finite(xp, named: dict):
+    """The first name of ``named`` (name -> array or None) whose array has a NaN or inf, or None."""
+    for name, a in named.items():
+        if a is not None and not bool(xp.isfinite(a).all()):
+            return name
+    return None
+
+
+def max_abs(a) -> float:
+    """max |a| as a Python float (a host sync; used only to word an error)."""
+    return float(abs(a).max())
+
+
+def not_finite_error(what: str, inputs: dict, dtype) -> ValueError:
+    """The error for a non-finite result whose inputs (name -> array or number) are all finite: they are too
+    large for ``dtype``; the message names each with its largest magnitude."""
+    sizes = ", ".join(f"max |{k}| = {max_abs(v) if hasattr(v, 'shape') else abs(float(v)):.3g}"
+                      for k, v in inputs.items())
+    names = " and ".join(inputs)
+    verb = "is" if len(inputs) == 1 else "are"
+    return ValueError(f"{what} is not finite: {names} {verb} finite but too large ({sizes}) for {np.dtype(dtype)}")

@@ -27,7 +27,7 @@ import numpy as np
 from . import experts as routed_experts
 from . import ops
 from .backend import array_namespace, backend_name, get_xp
-from .checks import FLOAT_DTYPES, check_float_array
+from .checks import FLOAT_DTYPES, all_finite, check_float_array, first_not_finite, max_abs, not_finite_error
 from .config import MoEConfig
 from .router import RoutingCache, routing_backward, routing_forward
 from .router_capacity import CapacityCache, capacity_backward, capacity_forward, capacity_keep, expert_capacity
@@ -106,8 +106,21 @@ def _check_input(x, params, cfg: MoEConfig):
     for name, w in params.items():
         if w.dtype != x.dtype:
             raise TypeError(f"params[{name!r}] is {w.dtype} but x is {x.dtype}; cast one explicitly")
-    check_float_array(x, "x", "[N, D]")
+    check_float_array(x, "x", "[N, D]", finite=False)          # finiteness: checked on y (one reduction)
     return xp
+
+
+def _not_finite_inputs(xp, what, named: dict, dtype) -> ValueError:
+    """The error for a non-finite result ``what``: the first input (name -> array) with a NaN or inf, or else
+    the inputs with the largest magnitudes, which are then finite but too large for ``dtype``."""
+    bad = first_not_finite(xp, named)
+    if bad is not None:
+        return ValueError(f"{bad} contains NaN or inf")
+    present = {k: v for k, v in named.items() if v is not None}
+    first = next(iter(present))                              # x or dy: always named
+    largest = max((k for k in present if k != first), key=lambda k: max_abs(present[k]), default=None)
+    shown = {first: present[first]} if largest is None else {first: present[first], largest: present[largest]}
+    return not_finite_error(what, shown, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +165,15 @@ class MoECache(NamedTuple):
 def moe_forward(x, params: dict, cfg: MoEConfig):
     """Forward pass of the layer.  x: [N, D] -> (y [N, D], MoECache).
 
-    Raises ValueError / TypeError for bad shapes, dtypes, non-finite x or a NumPy/CuPy mix.
+    Raises ValueError / TypeError for bad shapes, dtypes or a NumPy/CuPy mix, and ValueError when y is not
+    finite, naming the input that holds a NaN or inf ("params['w_up'] contains NaN or inf"), or, when every
+    input is finite, the ones too large for the dtype ("layer output y is not finite: x and
+    params['w_router'] are finite but too large (max |x| = 1e+30, ...) for float32").
+    The cache keeps a snapshot of the ``params`` dict (the same arrays): rebinding a key afterwards does not
+    reach the backward, but the arrays are not copied, so update them in place only after ``moe_backward``.
+    Numerics: one sum of y and one host sync check it (``refmoe.checks.all_finite``); the inputs are searched
+    only when it fails.
+    A non-finite weight that no token reads (an expert nobody routes to) leaves y finite and is not reported.
     """
     return forward_with(routed_experts, x, params, cfg)
 
@@ -167,33 +188,37 @@ def forward_with(experts, x, params: dict, cfg: MoEConfig):
     if not isinstance(cfg, MoEConfig):
         raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
     _check_params(params, cfg)
-    _check_input(x, params, cfg)
+    xp = _check_input(x, params, cfg)
     params = dict(params)
 
-    logits, linear = ops.linear_forward(x, params["w_router"])                  # [N, E]
-    (topk_idx, gates), router = _route(logits, params, cfg)                      # [N, K]
-    scores, normalise = router.scores, None                                      # [N, E]
-    if cfg.score_function == "sigmoid":
-        scores, normalise = ops.renorm_forward(router.scores)                   # [N, E] s / sum_j s
-    keep = None
-    if cfg.capacity_factor is not None:
-        keep = _capacity_keep(topk_idx, gates, cfg)                              # [N, K] bool
-        gates, _ = capacity_forward(gates, keep)                                 # [N, K] 0 where dropped
-    expert_out, experts_cache = experts.experts_forward(
-        x, params["w_gate"], params["w_up"], params["w_down"], topk_idx)        # [N, K, D]
-    if keep is not None:
-        expert_out = expert_out * keep[:, :, None].astype(expert_out.dtype)      # [N, K, D] dropped rows 0
-    y = _combine(gates, expert_out)                                              # [N, D]
-    shared_out = shared = shared_score = shared_linear = None
-    if cfg.n_shared:
-        shared_out, shared = ops.swiglu_forward(
-            x, params["shared_w_gate"], params["shared_w_up"], params["shared_w_down"])   # [N, D]
-        if cfg.shared_gate:
-            h, shared_linear = ops.linear_forward(x, params["shared_w_score"])   # [N, 1]
-            shared_score = ops.sigmoid(h)                                        # [N, 1]
-            y = y + shared_score * shared_out
-        else:
-            y = y + shared_out
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):    # a non-finite y raises below
+        logits, linear = ops.linear_forward(x, params["w_router"])                  # [N, E]
+        (topk_idx, gates), router = _route(logits, params, cfg)                      # [N, K]
+        scores, normalise = router.scores, None                                      # [N, E]
+        if cfg.score_function == "sigmoid":
+            scores, normalise = ops.renorm_forward(router.scores)                   # [N, E] s / sum_j s
+        keep = None
+        if cfg.capacity_factor is not None:
+            keep = _capacity_keep(topk_idx, gates, cfg)                              # [N, K] bool
+            gates, _ = capacity_forward(gates, keep)                                 # [N, K] 0 where dropped
+        expert_out, experts_cache = experts.experts_forward(
+            x, params["w_gate"], params["w_up"], params["w_down"], topk_idx)        # [N, K, D]
+        if keep is not None:
+            expert_out = expert_out * keep[:, :, None].astype(expert_out.dtype)      # [N, K, D] dropped rows 0
+        y = _combine(gates, expert_out)                                              # [N, D]
+        shared_out = shared = shared_score = shared_linear = None
+        if cfg.n_shared:
+            shared_out, shared = ops.swiglu_forward(
+                x, params["shared_w_gate"], params["shared_w_up"], params["shared_w_down"])   # [N, D]
+            if cfg.shared_gate:
+                h, shared_linear = ops.linear_forward(x, params["shared_w_score"])   # [N, 1]
+                shared_score = ops.sigmoid(h)                                        # [N, 1]
+                y = y + shared_score * shared_out
+            else:
+                y = y + shared_out
+    if not all_finite(xp, y):
+        raise _not_finite_inputs(xp, "layer output y", {"x": x, **{f"params[{k!r}]": w for k, w in params.items()}},
+                                 x.dtype)
 
     cache = MoECache(logits, scores, topk_idx, gates, expert_out, shared_out, x, cfg, params,
                      router, experts_cache, experts.experts_backward, shared,
@@ -244,6 +269,9 @@ def moe_backward(dy, cache: MoECache, d_scores=None, d_expert_out=None, d_logits
     ``dy`` may be None when only the injected gradients are wanted (dy = 0).
     The top-k indices, the capacity keep mask and ``expert_bias`` have zero gradient (the selection is piecewise
     constant; ``grads["expert_bias"]`` is an array of zeros). A dropped pair receives exactly 0.
+    Raises ValueError when a gradient is not finite, naming the upstream array that holds a NaN or inf
+    ("d_scores contains NaN or inf"), or, when all are finite, the ones too large for the dtype.
+    Numerics: one sum per gradient and a single host sync for all of them (``refmoe.checks.all_finite``).
     """
     c, cfg = cache, cache.cfg
     N, D, K, E = c.x.shape[0], cfg.d_model, cfg.top_k, cfg.n_experts
@@ -254,40 +282,46 @@ def moe_backward(dy, cache: MoECache, d_scores=None, d_expert_out=None, d_logits
     _check_upstream("d_scores", d_scores, (N, E), c.x)
     _check_upstream("d_expert_out", d_expert_out, (N, K, D), c.x)
     _check_upstream("d_logits", d_logits, (N, E), c.x)
-    grads = {}
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):    # a non-finite gradient raises below
+        grads = {}
 
-    dx_shared = 0
-    if cfg.shared_gate:                                                  # shared gate a = sigma(x w_s^T)
-        d_score = (dy * c.shared_out).sum(axis=1, keepdims=True)        # [N, 1]
-        dh = d_score * c.shared_score * (1 - c.shared_score)            # [N, 1]
-        dx_shared_gate, grads["shared_w_score"] = ops.linear_backward(dh, c.shared_linear)
-        d_shared_out = c.shared_score * dy                              # [N, D]
-    else:
-        d_shared_out = dy
-    if cfg.n_shared:                                                     # shared experts
-        dx_shared, grads["shared_w_gate"], grads["shared_w_up"], grads["shared_w_down"] = \
-            ops.swiglu_backward(d_shared_out, c.shared)
-    d_gates = xp.einsum("nd,nkd->nk", dy, c.expert_out)                 # combine: [N, K]
-    d_expert_out_y = c.gates[:, :, None] * dy[:, None, :]                # combine: [N, K, D]
-    if d_expert_out is not None:
-        d_expert_out_y = d_expert_out_y + d_expert_out                  # fan-in: L_o's injection
-    if c.keep is not None:                                               # capacity: dropped pairs get 0
-        d_expert_out_y = d_expert_out_y * c.keep[:, :, None].astype(d_expert_out_y.dtype)
-        d_gates = capacity_backward(d_gates, CapacityCache(c.keep))      # [N, K]
-    dx_experts, grads["w_gate"], grads["w_up"], grads["w_down"] = \
-        c.experts_backward(d_expert_out_y, c.experts)                   # routed experts: [N, D]
-    if d_scores is not None and c.normalise is not None:
-        d_scores = ops.renorm_backward(d_scores, c.normalise)           # P = s / sum s: d on the raw sigmoid
-    d_logits_router = routing_backward(d_gates, c.router, d_scores)     # router: [N, E]
-    if d_logits is not None:
-        d_logits_router = d_logits_router + d_logits                    # fan-in: the z-loss's injection
-    dx_router, grads["w_router"] = ops.linear_backward(d_logits_router, c.linear)   # [N, D]
-    if cfg.expert_bias:
-        grads["expert_bias"] = xp.zeros_like(c.params["expert_bias"])   # selection only: zero gradient
+        dx_shared = 0
+        if cfg.shared_gate:                                                  # shared gate a = sigma(x w_s^T)
+            d_score = (dy * c.shared_out).sum(axis=1, keepdims=True)        # [N, 1]
+            dh = d_score * c.shared_score * (1 - c.shared_score)            # [N, 1]
+            dx_shared_gate, grads["shared_w_score"] = ops.linear_backward(dh, c.shared_linear)
+            d_shared_out = c.shared_score * dy                              # [N, D]
+        else:
+            d_shared_out = dy
+        if cfg.n_shared:                                                     # shared experts
+            dx_shared, grads["shared_w_gate"], grads["shared_w_up"], grads["shared_w_down"] = \
+                ops.swiglu_backward(d_shared_out, c.shared)
+        d_gates = xp.einsum("nd,nkd->nk", dy, c.expert_out)                 # combine: [N, K]
+        d_expert_out_y = c.gates[:, :, None] * dy[:, None, :]                # combine: [N, K, D]
+        if d_expert_out is not None:
+            d_expert_out_y = d_expert_out_y + d_expert_out                  # fan-in: L_o's injection
+        if c.keep is not None:                                               # capacity: dropped pairs get 0
+            d_expert_out_y = d_expert_out_y * c.keep[:, :, None].astype(d_expert_out_y.dtype)
+            d_gates = capacity_backward(d_gates, CapacityCache(c.keep))      # [N, K]
+        dx_experts, grads["w_gate"], grads["w_up"], grads["w_down"] = \
+            c.experts_backward(d_expert_out_y, c.experts)                   # routed experts: [N, D]
+        if d_scores is not None and c.normalise is not None:
+            d_scores = ops.renorm_backward(d_scores, c.normalise)           # P = s / sum s: d on the raw sigmoid
+        d_logits_router = routing_backward(d_gates, c.router, d_scores)     # router: [N, E]
+        if d_logits is not None:
+            d_logits_router = d_logits_router + d_logits                    # fan-in: the z-loss's injection
+        dx_router, grads["w_router"] = ops.linear_backward(d_logits_router, c.linear)   # [N, D]
+        if cfg.expert_bias:
+            grads["expert_bias"] = xp.zeros_like(c.params["expert_bias"])   # selection only: zero gradient
 
-    grads["x"] = dx_router + dx_experts + dx_shared
-    if cfg.shared_gate:
-        grads["x"] = grads["x"] + dx_shared_gate                         # fan-in: the shared gate's logit
+        grads["x"] = dx_router + dx_experts + dx_shared
+        if cfg.shared_gate:
+            grads["x"] = grads["x"] + dx_shared_gate                         # fan-in: the shared gate's logit
+    if not all_finite(xp, *grads.values()):
+        bad = next(k for k, g in grads.items() if not bool(xp.isfinite(g).all()))
+        upstream = {"dy": dy, "d_scores": d_scores, "d_expert_out": d_expert_out, "d_logits": d_logits, "x": c.x,
+                    **{f"params[{k!r}]": w for k, w in c.params.items()}}
+        raise _not_finite_inputs(xp, f"gradient grads[{bad!r}]", upstream, c.x.dtype)
     return grads
 
 

@@ -213,10 +213,16 @@ def _check_task_loss(task_loss, xp):
     if isinstance(task_loss, bool):
         raise TypeError("task_loss must be a number or a 0-d array, got a bool")
     if isinstance(task_loss, (int, float, np.floating)):
+        if not math.isfinite(task_loss):
+            raise ValueError(f"task_loss={float(task_loss)!r} is not finite")
         return task_loss
     array_namespace(task_loss, xp.zeros(0))
     if task_loss.size != 1:
         raise ValueError(f"task_loss must be a scalar, got shape {tuple(task_loss.shape)}")
+    if task_loss.dtype.kind not in "fiu":
+        raise TypeError(f"task_loss must be real, got dtype {task_loss.dtype}")
+    if not bool(xp.isfinite(task_loss).all()):
+        raise ValueError("task_loss contains NaN or inf")
     return task_loss.reshape(())
 
 

@@ -26,7 +26,9 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from .. import ops
-from ..checks import check_mask, check_scores, check_topk, mask_weights, resolve_batch_shape
+from ..backend import array_namespace
+from ..checks import (all_finite, check_dloss, check_mask, check_scores, check_topk, mask_weights,
+                      not_finite_error, resolve_batch_shape)
 
 
 class AuxInputs(NamedTuple):
@@ -164,9 +166,14 @@ def aux_loss_forward(scores, topk_idx, variant: str = "switch", *, valid_mask=No
 def aux_loss_backward(dloss, cache: AuxCache):
     """d_scores [N, E] = dloss * W (through the top-k renormalisation for ``paper_eq2``).
 
+    dloss  a finite real number or 0-d array (cast to the cache's dtype); anything else raises
     The counts f are piecewise constant in the scores: their gradient is zero and is not returned.
+    Numerics: ValueError naming ``dloss`` when dloss * W overflows.
     """
+    dloss = check_dloss(dloss, cache.weights)
     dq = cache.weights * dloss                                   # [N, E]
-    if cache.topk_cache is None:
-        return dq
-    return ops.topk_scores_backward(dq, cache.topk_cache)
+    if cache.topk_cache is not None:
+        dq = ops.topk_scores_backward(dq, cache.topk_cache)
+    if not all_finite(array_namespace(dq), dq):
+        raise not_finite_error("d_scores of L_aux", {"dloss": dloss}, dq.dtype)
+    return dq

@@ -30,7 +30,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import ops
-from ..checks import check_mask, check_scores, check_topk, mask_weights, resolve_batch_shape
+from ..backend import array_namespace
+from ..checks import (all_finite, check_dloss, check_mask, check_scores, check_topk, mask_weights, not_finite_error,
+                      resolve_batch_shape)
 from .aux import AuxInputs, _w_deepseek_batch, _w_megatron_seq, routing_map
 
 
@@ -76,9 +78,15 @@ def system_aux_forward(scores, topk_idx, form: str, *, valid_mask=None, batch_sh
     plain_idx = ops.topk_indices(scores, K)                                         # [N, K] no bias/groups/drops
     routed = routing_map(plain_idx, E, scores.dtype, xp)                            # [N, E]
     w = spec.weights(AuxInputs(routed, valid, E, K, batch_shape, xp))               # [N, E]
-    return (w * scores).sum(), SystemAuxCache(w, plain_idx, form)
+    loss = (w * scores).sum()
+    if not all_finite(xp, loss):
+        raise not_finite_error(f"balancing loss {form} = {float(loss)}", {"scores": scores}, scores.dtype)
+    return loss, SystemAuxCache(w, plain_idx, form)
 
 
 def system_aux_backward(dloss, cache: SystemAuxCache):
     """d_scores [N, E] = dloss W. The counts (and the plain top-k) have zero gradient."""
-    return cache.weights * dloss                                                     # [N, E]
+    d_scores = cache.weights * check_dloss(dloss, cache.weights)                     # [N, E]
+    if not all_finite(array_namespace(d_scores), d_scores):
+        raise not_finite_error(f"d_scores of {cache.form}", {"dloss": dloss}, d_scores.dtype)
+    return d_scores

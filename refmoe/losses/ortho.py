@@ -37,6 +37,12 @@ Variants (``theory/losses.md`` derives each backward):
 ``valid_mask`` (True = real token) drops padding tokens: their terms vanish and N counts valid tokens only;
 for ``span_code_grouping`` the padding rows are removed before the regrouping (the released code has no
 mask: pass None to reproduce it). K = 1 gives 0 with a zero gradient in every form.
+
+Numerics: ``pairwise`` writes each slot as x_k = 2^{e_k} b_k (max |b_k| in [1/2, 1), an exact rescaling) and
+forms every term and gradient coefficient from the b's, putting the scale back with ``ldexp`` once; the
+numbers are bitwise those of the direct formula wherever that one is finite, and they stay finite down to
+the smallest outputs and up to where the value itself overflows (float32 agrees with float64 to ~1e-6
+relative from 1e-30 to 1e15; tests/test_numerics.py).
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import array_namespace
-from ..checks import check_float_array, check_mask, check_topk, mask_weights
+from ..checks import all_finite, check_dloss, check_float_array, check_mask, check_topk, mask_weights, not_finite_error
 from .ortho_span import span_backward, span_per_token
 
 class OrthoVariant(NamedTuple):
@@ -72,22 +78,55 @@ class OrthoCache(NamedTuple):
 # pairwise (paper Eq. 6)
 # ----------------------------------------------------------------------------------------------
 
+class _PairwiseParts(NamedTuple):
+    """Per-slot normalised quantities: x_k = 2^{e_k} b_k with max_d |b_kd| in [1/2, 1)."""
+    e: object           # [N, K]     int exponents of the slot scales
+    GB: object          # [N, K, K]  <b_j, b_k>   (|GB| <= D)
+    wB: object          # [N, K]     nB_k / (nB_k + eps_k)^2,       eps_k = eps 2^{-2 e_k}, nB_k = <b_k, b_k>
+    dwB: object         # [N, K]     (eps_k - nB_k) / (nB_k + eps_k)^3
+    off: object         # [K, K]     1 for j != k
+
+
 def _pairwise_parts(A, eps):
+    r"""Scale every slot by a power of two (exact) so that no Gram entry, weight or derivative of the weight
+    over- or underflows; then :math:`G_{jk} = 2^{e_j+e_k}\,GB_{jk}`, :math:`w_k = 2^{-2e_k}\,wB_k`,
+    :math:`w'_k = 2^{-4e_k}\,dwB_k`, and the scales are put back with ``ldexp`` on each finished term."""
+    with np.errstate(over="ignore", under="ignore"):             # the limits below are the intended ones
+        return _pairwise_parts_scaled(A, eps)
+
+
+def _pairwise_parts_scaled(A, eps):
     xp = array_namespace(A)
     K = A.shape[1]
-    G = xp.einsum("njd,nkd->njk", A, A)                          # [N, K, K]  Gram matrix per token
-    nrm = xp.diagonal(G, axis1=1, axis2=2)                       # [N, K]     ||x_k||^2
-    den = nrm + eps
+    amax = xp.abs(A).max(axis=2)                                 # [N, K]
+    _, e = xp.frexp(amax)                                        # max|x_k| < 2^e
+    e = xp.where(amax > 0, e, -1100)                             # a zero slot: eps_k = +huge, so w = w' = 0 there
+    B = xp.ldexp(A, -e[:, :, None])                              # [N, K, D] exact: a power-of-two scale
+    GB = xp.einsum("njd,nkd->njk", B, B)                         # [N, K, K]
+    nB = xp.diagonal(GB, axis1=1, axis2=2)                       # [N, K]
+    fmax = float(np.finfo(A.dtype).max)
+    eps_k = xp.minimum(xp.ldexp(xp.full(e.shape, eps, dtype=np.float64), -2 * e), fmax).astype(A.dtype)
+    den = nB + eps_k
     den = den + (den <= 0).astype(A.dtype)                       # 1 for a zero output with eps = 0 (w = 0 there)
-    w = nrm / (den * den)                                        # [N, K]     ||x_k||^2 / (||x_k||^2 + eps)^2
-    off = 1.0 - xp.eye(K, dtype=A.dtype)                         # [K, K]     j != k
-    return G, nrm, den, w, off
+    wB = nB / (den * den)                                        # [N, K]  0 when eps_k >> nB (den^2 -> inf)
+    dwB = (eps_k - nB) / (den * den * den)                       # [N, K]
+    off = 1.0 - xp.eye(K, dtype=A.dtype)                         # [K, K]  j != k
+    return _PairwiseParts(e, GB, wB, dwB, off)
 
 
 def pairwise_per_token(A, eps: float):
-    """sum_{j != k} G_jk^2 w_k per token.  A: [N, K, D] -> [N]."""
-    G, _, _, w, off = _pairwise_parts(A, eps)
-    return (G * G * w[:, None, :] * off).sum(axis=(1, 2))
+    r"""sum_{j != k} G_jk^2 w_k per token.  A: [N, K, D] -> [N].
+
+    .. math:: G_{jk}^2 w_k = 2^{2e_j}\, GB_{jk}^2\, wB_k
+
+    Numerics: each term is formed from the normalised slots and scaled back once, so it overflows only when
+    its own value does (outputs of 1e10 in float32 are fine; the value of 3e9 everywhere is 5.4e19).
+    """
+    p = _pairwise_parts(A, eps)
+    xp = array_namespace(A)
+    terms = p.GB * p.GB * p.wB[:, None, :] * p.off               # [N, K(j), K(k)]
+    with np.errstate(over="ignore", under="ignore"):             # an overflow here is the value's own
+        return xp.ldexp(terms, 2 * p.e[:, :, None]).sum(axis=(1, 2))
 
 
 def pairwise_backward(g, A, eps: float):
@@ -95,13 +134,33 @@ def pairwise_backward(g, A, eps: float):
 
     .. math:: \frac{\partial}{\partial x_m} = 2\sum_k (M_{mk} + M_{km})\, x_k + 2 q_m w'(G_{mm})\, x_m,
               \quad M_{jk} = [j\ne k] G_{jk} w_k,\ q_k = \sum_{j\ne k} G_{jk}^2,\ w'(n) = \frac{\epsilon - n}{(n+\epsilon)^3}
+
+    On the normalised slots (x_k = 2^{e_k} b_k): M_{mk} x_k = 2^{e_m} GB_{mk} wB_k b_k,
+    M_{km} x_k = 2^{2e_k - e_m} GB_{km} wB_m b_k, q_m w'_m x_m = \sum_j 2^{2e_j - e_m} GB_{jm}^2 dwB_m b_m.
+
+    Numerics: every coefficient is scaled back with ``ldexp`` before it multiplies a normalised b, so a
+    tiny output (1e-8 in float32, 1e-60 in float64, eps = 0) gives a finite gradient of its true size; an
+    inf or NaN is left only where the gradient itself overflows (``ortho_loss_backward`` then raises).
     """
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):   # see the Numerics line
+        return _pairwise_backward_scaled(g, A, eps)
+
+
+def _pairwise_backward_scaled(g, A, eps):
     xp = array_namespace(A, g)
-    G, nrm, den, w, off = _pairwise_parts(A, eps)
-    M = G * w[:, None, :] * off                                  # [N, K, K]
-    q = (G * G * off).sum(axis=1)                                # [N, K]  sum over targets j of G_jk^2
-    dw = (eps - nrm) / (den * den * den)                         # [N, K]  d w_k / d ||x_k||^2
-    dA = 2.0 * xp.einsum("njk,nkd->njd", M + xp.swapaxes(M, 1, 2), A) + 2.0 * (q * dw)[:, :, None] * A
+    p = _pairwise_parts(A, eps)
+    e = p.e
+    B = xp.ldexp(A, -e[:, :, None])                              # [N, K, D]
+    GBt = xp.swapaxes(p.GB, 1, 2)
+    C = (xp.ldexp(p.GB * p.wB[:, None, :] * p.off, e[:, :, None])                    # M_mk x_k   [N, m, k]
+         + xp.ldexp(GBt * p.wB[:, :, None] * p.off, 2 * e[:, None, :] - e[:, :, None]))  # M_km x_k
+    qB = xp.ldexp(GBt * GBt * p.off, 2 * e[:, None, :] - 2 * e[:, :, None]).sum(axis=2)   # [N, m] q_m 2^{-4e_m}
+    diag = xp.ldexp(qB * p.dwB, e)                                                     # [N, m] q_m w'_m 2^{e_m}
+    # a slot far smaller than another (q_m 2^{-4e_m} overflows): scale each term back alone; elsewhere the
+    # line above keeps the rounding of the unscaled formula (bitwise equal where that one was finite)
+    each = xp.ldexp(GBt * GBt * p.dwB[:, :, None] * p.off, 2 * e[:, None, :] - e[:, :, None]).sum(axis=2)
+    diag = xp.where(xp.isfinite(qB), diag, each)
+    dA = 2.0 * xp.einsum("nmk,nkd->nmd", C, B) + 2.0 * diag[:, :, None] * B
     return g[:, None, None] * dA
 
 
@@ -139,6 +198,8 @@ def ortho_loss_forward(expert_out, variant: str = "pairwise", *, eps=None, topk_
     topk_idx    [N, K] expert ids (``MoECache.topk_idx``); required by ``span_code_grouping`` only
     valid_mask  optional [N] bool, True = real token
     Returns (loss, cache); loss is a 0-d array on the input's backend and dtype.
+    Numerics: ``pairwise`` is computed on power-of-two normalised slots (no over- or underflow short of the
+    value's own); a value that still overflows raises ValueError naming ``expert_out``.
     """
     if variant not in ORTHO_VARIANTS:
         raise ValueError(f"variant={variant!r} is not an L_o form; expected one of {list(ORTHO_VARIANTS)}")
@@ -162,34 +223,49 @@ def ortho_loss_forward(expert_out, variant: str = "pairwise", *, eps=None, topk_
     order = None
     if variant == "pairwise":
         weights = valid                                          # a plain sum over valid tokens
-        loss = (weights * pairwise_per_token(expert_out, eps)).sum()
+        with np.errstate(over="ignore"):                       # a non-finite loss raises below
+            loss = (weights * pairwise_per_token(expert_out, eps)).sum()
     elif variant == "span":
         weights = valid / (K * n_valid)
-        loss = (weights * span_per_token(expert_out, eps)).sum()
+        with np.errstate(over="ignore", invalid="ignore"):      # a non-finite loss raises below
+            loss = (weights * span_per_token(expert_out, eps)).sum()
     else:
         order = code_grouping_order(topk_idx, mask)              # [N_v*K]
         grouped = _grouped(expert_out, order)                    # [N_v, K, D]
         weights = xp.full(grouped.shape[0], 1.0 / (K * grouped.shape[0]), dtype=expert_out.dtype)
-        loss = (weights * span_per_token(grouped, eps)).sum()
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss = (weights * span_per_token(grouped, eps)).sum()
+    if not bool(xp.isfinite(loss)):
+        raise not_finite_error(f"L_o ({variant}) = {float(loss)}", {"expert_out": expert_out}, expert_out.dtype)
     return loss, OrthoCache(variant, eps, expert_out, weights, order)
 
 
 def ortho_loss_backward(dloss, cache: OrthoCache):
     """d_expert_out [N, K, D]: the gradient of ``dloss * L_o`` w.r.t. the unweighted expert outputs.
 
+    dloss  a finite real number or 0-d array (cast to the cache's dtype); anything else raises
     The top-k indices (used by ``span_code_grouping`` to regroup) are integers: zero gradient, none returned.
+    Numerics: ValueError naming ``dloss`` and ``expert_out`` when the gradient overflows.
     """
-    A, g = cache.expert_out, cache.weights * dloss
-    if cache.variant == "pairwise":
-        return pairwise_backward(g, A, cache.eps)
-    if cache.variant == "span":
-        return span_backward(g, A, cache.eps)
+    A = cache.expert_out
     xp = array_namespace(A)
-    N, K, D = A.shape
-    d_grouped = span_backward(g, _grouped(A, cache.order), cache.eps)      # [N_v, K, D]
-    d_flat = xp.zeros((N * K, D), dtype=A.dtype)
-    d_flat[cache.order] = d_grouped.reshape(-1, D)               # a permutation of distinct rows: no duplicates
-    return d_flat.reshape(N, K, D)
+    dloss = check_dloss(dloss, A)
+    g = cache.weights * dloss                                    # [N] (or [N_v] grouped rows)
+    if cache.variant == "pairwise":
+        dA = pairwise_backward(g, A, cache.eps)
+    elif cache.variant == "span":
+        with np.errstate(over="ignore", invalid="ignore"):      # a non-finite gradient raises below
+            dA = span_backward(g, A, cache.eps)
+    else:
+        N, K, D = A.shape
+        with np.errstate(over="ignore", invalid="ignore"):
+            d_grouped = span_backward(g, _grouped(A, cache.order), cache.eps)  # [N_v, K, D]
+        d_flat = xp.zeros((N * K, D), dtype=A.dtype)
+        d_flat[cache.order] = d_grouped.reshape(-1, D)           # a permutation of distinct rows: no duplicates
+        dA = d_flat.reshape(N, K, D)
+    if not all_finite(xp, dA):
+        raise not_finite_error(f"d_expert_out of L_o ({cache.variant})", {"dloss": dloss, "expert_out": A}, A.dtype)
+    return dA
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +281,10 @@ def paper_eq8_gradient(expert_out, eps: float = 0.0):
     base of the projection, the vector projected onto (see ``theory/losses.md``).
     """
     xp = check_float_array(expert_out, "expert_out", "[N, K, D]")
-    G, nrm, den, _, off = _pairwise_parts(expert_out, eps)
+    K = expert_out.shape[1]
+    G = xp.einsum("njd,nkd->njk", expert_out, expert_out)        # [N, K, K]
+    den = xp.diagonal(G, axis1=1, axis2=2) + eps                 # [N, K]
+    den = den + (den <= 0).astype(expert_out.dtype)
+    off = 1.0 - xp.eye(K, dtype=expert_out.dtype)
     coef = G * off / den[:, None, :]                             # [N, K(j), K(k)]  G_jk / (||x_k||^2 + eps)
     return xp.einsum("njk,nkd->njd", coef, expert_out)

@@ -24,7 +24,7 @@ derives every step.
 from __future__ import annotations
 
 from ..backend import array_namespace
-from .gram_schmidt import dot, gram_schmidt_backward, gram_schmidt_forward, safe_inverse
+from .gram_schmidt import dot, gram_schmidt_backward, gram_schmidt_forward
 
 
 # ----------------------------------------------------------------------------------------------

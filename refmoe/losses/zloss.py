@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from .. import ops
-from ..checks import check_float_array, check_mask, mask_weights
+from ..backend import array_namespace
+from ..checks import all_finite, check_dloss, check_float_array, check_mask, mask_weights, not_finite_error
 
 
 class ZLossCache(NamedTuple):
@@ -31,7 +34,8 @@ def zloss_forward(logits, valid_mask=None):
     """L_z from logits [N, E]; valid_mask optional [N] bool (True = real token).
 
     Returns (loss, ZLossCache); loss is a 0-d array on the logits' backend and dtype.
-    Numerics: logsumexp max-shifted, lse = m + log sum exp(z - m).
+    Numerics: logsumexp max-shifted, lse = m + log sum exp(z - m); a loss that overflows the dtype (logits near
+    sqrt(max) of it, ~1e19 in float32) raises, naming the logits.
     """
     xp = check_float_array(logits, "logits", "[N, E]")
     N = logits.shape[0]
@@ -41,11 +45,19 @@ def zloss_forward(logits, valid_mask=None):
     probs, _ = ops.softmax_forward(logits)                           # [N, E]
     lse = (m + xp.log(xp.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]   # [N]
     n_valid = valid.sum()
-    loss = (valid * lse * lse).sum() / n_valid
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss = (valid * lse * lse).sum() / n_valid
+    if not all_finite(xp, loss):
+        raise not_finite_error(f"L_z = {float(loss)}", {"logits": logits}, logits.dtype)
     return loss, ZLossCache(lse, probs, valid, n_valid)
 
 
 def zloss_backward(dloss, cache: ZLossCache):
     r"""d_logits [N, E] = dloss * 2 v_t \ell_t softmax(z_t) / \sum_s v_s."""
-    coef = (2 * dloss) * cache.valid * cache.lse / cache.n_valid      # [N]
-    return coef[:, None] * cache.probs                                # [N, E]
+    dloss = check_dloss(dloss, cache.lse)
+    with np.errstate(over="ignore", invalid="ignore"):
+        coef = (2 * dloss) * cache.valid * cache.lse / cache.n_valid  # [N]
+        d_logits = coef[:, None] * cache.probs                        # [N, E]
+    if not all_finite(array_namespace(d_logits), d_logits):
+        raise not_finite_error("d_logits of L_z", {"dloss": dloss}, d_logits.dtype)
+    return d_logits
