@@ -28,21 +28,27 @@ def host(a):
     return to_numpy(a)
 
 
-def layer_fd_errors(cfg, params, x, loss_of_cache, grads, *, names=None, forward=None):
+def routing_key(cache):
+    """What a finite-difference step must not change: the top-k indices, and the capacity keep mask if any."""
+    if getattr(cache, "keep", None) is None:
+        return cache.topk_idx
+    return np.concatenate([to_numpy(cache.topk_idx), to_numpy(cache.keep).astype(np.int64)], axis=1)
+
+
+def layer_fd_errors(cfg, params, x, phi, grads, *, names=None, forward=None):
     """The one "layer + loss checked by finite differences" of the suite.
 
-    Differentiates phi(x, params) = loss_of_cache(cache of forward(x, params, cfg)) by float64 central
-    differences, with every step checked to keep the routing (the top-k indices), and compares with
-    ``grads`` (the hand-derived gradients for ``names``, default: x and every parameter).
-    Returns name -> relative error (pass mark FD_TOL).
+    Differentiates phi(y, cache) of forward(x, params, cfg) (a scalar: <dy, y> plus whatever losses of the
+    cache) by float64 central differences in x and the parameters, every step checked to keep the routing
+    (:func:`routing_key`), and compares with ``grads``, the hand-derived gradients for ``names`` (default:
+    x and every parameter). Returns name -> relative error (pass mark FD_TOL).
     """
     from refmoe import gradcheck, moe_forward
 
     forward = moe_forward if forward is None else forward
 
-    def cache_of(inp):
-        return forward(inp["x"], {k: inp.get(k, v) for k, v in params.items()}, cfg)[1]
+    def run(inp):
+        return forward(inp["x"], {k: inp.get(k, v) for k, v in params.items()}, cfg)
 
-    inputs = dict(params, x=x)
-    return gradcheck.check_vjp(lambda inp: loss_of_cache(cache_of(inp)), inputs, grads, names=names,
-                               guard=lambda inp: cache_of(inp).topk_idx)
+    return gradcheck.check_vjp(lambda inp: phi(*run(inp)), dict(params, x=x), grads, names=names,
+                               guard=lambda inp: routing_key(run(inp)[1]))

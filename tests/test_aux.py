@@ -5,7 +5,7 @@ import pytest
 from refmoe import AUX_VARIANTS, MoEConfig, aux_loss_backward, aux_loss_forward, gradcheck as gc
 from refmoe import init_params, moe_backward, moe_forward, ops
 
-from helpers import assert_all_below, host, on, softmax_rows
+from helpers import assert_all_below, host, layer_fd_errors, on, softmax_rows
 
 VARIANTS = ["deepseek_batch", "deepseek_seq", "paper_eq2", "switch"]  # the spec's four forms; other systems' conventions: test_aux_conventions.py
 
@@ -150,14 +150,10 @@ def test_aux_through_the_layer(xp, rng):
     loss, ac = aux_loss_forward(cache.scores, cache.topk_idx, "deepseek_seq", batch_shape=(2, 4))
     grads = moe_backward(None, cache, d_scores=aux_loss_backward(1.0, ac))
 
-    def f(a):
-        _, c = moe_forward(a["x"], {**params, "w_router": a["w_router"]}, cfg)
+    def phi(y, c):
         return aux_loss_forward(c.scores, c.topk_idx, "deepseek_seq", batch_shape=(2, 4))[0]
 
-    def guard(a):
-        return moe_forward(a["x"], {**params, "w_router": a["w_router"]}, cfg)[1].topk_idx
-
-    errs = gc.check_vjp(f, {"x": x, "w_router": params["w_router"]}, grads, names=["x", "w_router"], guard=guard)
+    errs = layer_fd_errors(cfg, params, x, phi, grads, names=["x", "w_router"])
     assert_all_below(errs)  # measured ~1e-10
     assert float(abs(grads["w_gate"]).max()) == 0.0  # L_aux never reaches the experts
 

@@ -174,14 +174,13 @@ def test_layer_finite_differences_both_paths(xp, rng, path):
     params, x, dy, d_eo, d_sc = _layer_inputs(xp, rng, cfg, np.float64, N=8)
     forward = FORWARDS[path]
 
-    def loss_of_cache(cache):
-        # <dy, y> + <d_sc, scores> + <d_eo, expert_out>, y rebuilt from the cache's pieces
-        y = (cache.gates[:, :, None] * cache.expert_out).sum(axis=1) + cache.shared_out
+    def phi(y, cache):
+        # the injected gradients enter as <d_sc, scores> + <d_eo, expert_out>
         return (y * dy).sum() + (cache.scores * d_sc).sum() + (cache.expert_out * d_eo).sum()
 
     y, cache = forward(x, params, cfg)
     grads = moe_backward(dy, cache, d_scores=d_sc, d_expert_out=d_eo)
-    errors = layer_fd_errors(cfg, params, x, loss_of_cache, grads, forward=forward)
+    errors = layer_fd_errors(cfg, params, x, phi, grads, forward=forward)
     assert_all_below(errors)                                        # measured ~1e-10; pass mark 1e-7
 
 

@@ -10,7 +10,7 @@ from refmoe.objective import Objective, objective_forward_backward
 from refmoe.router import router_forward
 from refmoe.systems import SYSTEMS, system_config
 
-from helpers import assert_all_below, host, on
+from helpers import assert_all_below, host, layer_fd_errors, on, routing_key
 
 N, D, H, E, K = 12, 4, 3, 8, 2
 
@@ -44,15 +44,6 @@ def make(xp, rng, cfg):
     return x, params
 
 
-def routing_guard(cfg, params):
-    def guard(inp):
-        c = moe_forward(inp["x"], {k: inp.get(k, v) for k, v in params.items()}, cfg)[1]
-        if c.keep is None:
-            return c.topk_idx
-        return np.concatenate([host(c.topk_idx), host(c.keep).astype(np.int64)], axis=1)
-    return guard
-
-
 def whole_layer_errors(xp, rng, cfg):
     """phi = <dy, y> + <ds, scores> + <de, expert_out> + <dl, logits>, differentiated in x and every parameter."""
     x, params = make(xp, rng, cfg)
@@ -62,11 +53,10 @@ def whole_layer_errors(xp, rng, cfg):
     grads = moe_backward(dy, cache, d_scores=ds, d_expert_out=de, d_logits=dl)
     assert sorted(grads) == sorted(list(param_shapes(cfg)) + ["x"])
 
-    def phi(inp):
-        yy, c = moe_forward(inp["x"], {k: inp.get(k, v) for k, v in params.items()}, cfg)
+    def phi(yy, c):
         return (dy * yy).sum() + (ds * c.scores).sum() + (de * c.expert_out).sum() + (dl * c.logits).sum()
 
-    return gc.check_vjp(phi, dict(params, x=x), grads, guard=routing_guard(cfg, params)), cache, grads
+    return layer_fd_errors(cfg, params, x, phi, grads), cache, grads
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
@@ -179,11 +169,7 @@ def term_errors(xp, rng, cfg, term, form):
     inj = term_backward(1.0, tc)
     grads = moe_backward(None, cache, d_scores=inj.d_scores, d_expert_out=inj.d_expert_out, d_logits=inj.d_logits)
 
-    def phi(inp):
-        c = moe_forward(inp["x"], {k: inp.get(k, v) for k, v in params.items()}, cfg)[1]
-        return term_forward(term, form, c)[0]
-
-    return gc.check_vjp(phi, dict(params, x=x), grads, guard=routing_guard(cfg, params))
+    return layer_fd_errors(cfg, params, x, lambda y, c: term_forward(term, form, c)[0], grads)
 
 
 @pytest.mark.parametrize("name", sorted(SYSTEMS))
@@ -209,7 +195,10 @@ def test_objective_with_z_term(rng):
         y, _ = moe_forward(inp["x"], p, cfg)
         return (dy * y).sum() + r.losses["regularisers"]
 
-    errs = gc.check_vjp(phi, dict(params, x=x), res.grads["total"], guard=routing_guard(cfg, params))
+    def guard(inp):
+        return routing_key(moe_forward(inp["x"], {k: inp.get(k, v) for k, v in params.items()}, cfg)[1])
+
+    errs = gc.check_vjp(phi, dict(params, x=x), res.grads["total"], guard=guard)
     assert_all_below(errs)
     no_z = objective_forward_backward(x, params, cfg, dy, obj.replace(zeta=0.0))
     assert "z" not in no_z.losses and "z" not in no_z.grads

@@ -6,7 +6,7 @@ import numpy as np
 
 from refmoe.study import data as D
 from refmoe import gradcheck as gc
-from refmoe.losses.task import mse_backward, mse_forward
+from refmoe.losses.task import mse_forward
 from refmoe.study.alignment import cosine_matrix
 from refmoe.config import MoEConfig
 from refmoe.layer import init_params, moe_forward
