@@ -22,9 +22,9 @@ def reference():
 
 def test_torch_reference_passes_every_case(reference, golden, tmp_path):
     done = reference.run(golden, str(tmp_path))
-    cases = load_manifest(golden)["cases"]
-    assert sorted(done) == sorted(cases)                                  # it supports the whole grid
-    report = check_dump(golden, str(tmp_path), require_all=True)
+    cases = {n: e for n, e in load_manifest(golden)["cases"].items() if e["system"] is None}
+    assert sorted(done) == sorted(cases)              # the whole grid but the sys_<S> cases (other routers)
+    report = check_dump(golden, str(tmp_path), cases=sorted(cases), require_all=True)
     assert report.ok, report.format()
     f64 = [n for n, e in cases.items() if e["dtype"] == "float64"]
     assert check_dump(golden, str(tmp_path), cases=f64, rtol=1e-10, atol=1e-13).ok

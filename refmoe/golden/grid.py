@@ -1,7 +1,9 @@
 """The default grid of golden cases: one change from a base case at a time, so a failure names its cause."""
 from __future__ import annotations
 
+from ..systems import SYSTEMS
 from .cases import AUX_FORMS, CaseSpec
+from .systems_cases import system_terms
 
 BASE = CaseSpec(name="base", description="E=4, K=2, D=6, H=5, N=8 as (B, T) = (2, 4); switch + pairwise + paper")
 
@@ -49,6 +51,28 @@ def default_cases() -> list:
                        description="Megatron-Core global-batch scope: micro-batches of 3 and 5 tokens, "
                                    "counts over both; loss/aux_pieces holds each micro-batch's share"),
     ]
+    return cases + system_cases()
+
+
+# the small shapes of a system case; groups need E divisible by n_group with more groups than topk_group
+SYSTEM_BASE = CaseSpec(name="sys", d_model=8, d_hidden=6, n_experts=8, top_k=2, batch_shape=(2, 6),
+                       ortho=None, var=None)
+SYSTEM_SHAPES = {"deepseek_v3": (("n_group", 4), ("topk_group", 2))}     # the preset's 8 / 4 need E = 256
+
+
+def system_cases() -> list:
+    """``sys_<S>`` (float64) and ``sys_<S>_f32`` (float32) for every preset S of ``refmoe.systems.SYSTEMS``."""
+    cases = []
+    for seed, (name, system) in enumerate(SYSTEMS.items()):
+        balancing = "none" if system.balancing is None else f"{system.balancing[0]} {system.balancing[1]}"
+        alpha = system_terms(name).get("aux", (None, None, 0.0))[2]
+        spec = SYSTEM_BASE.replace(
+            name=f"sys_{name}", system=name, system_overrides=SYSTEM_SHAPES.get(name, ()), seed=seed,
+            n_shared=system.overrides.get("n_shared", 0), aux=system.balancing[1] if system.balancing else None,
+            alpha=alpha, beta=0.0, gamma=0.0,
+            description=f"system preset {name!r} (E=8, K=2, D=8, H=6, (B, T) = (2, 6)); balancing {balancing}")
+        cases += [spec, spec.replace(name=f"sys_{name}_f32", dtype="float32",
+                                     description=spec.description + "; float32")]
     return cases
 
 
