@@ -50,6 +50,17 @@ def default_cases() -> list:
         layers.replace(name="conv_megatron_global", aux="megatron_global", n_layers=2, micro_batches=(3, 5),
                        description="Megatron-Core global-batch scope: micro-batches of 3 and 5 tokens, "
                                    "counts over both; loss/aux_pieces holds each micro-batch's share"),
+        layers.replace(name="conv_megatron_seq_valid_over_b", aux="megatron_seq_valid_over_b", n_layers=2,
+                       padding=(3, 7),
+                       description="megatron-core 0.16.1 seq_aux_loss with a padding mask: tokens t*B + b, "
+                                   "(B, T) = (2, 4), sequence 1 has 2 valid tokens; every sequence normalised "
+                                   "by (valid tokens)/B = 3"),
+        layers.replace(name="conv_megatron_global_accumulated", aux="megatron_global_accumulated", n_layers=2,
+                       micro_batches=(3, 5), padding=(6,),
+                       description="megatron-core 0.16.1 global_aux_loss under gradient accumulation: "
+                                   "micro-batches of 3 and 5 tokens (token 6 padding), micro-batch m uses the "
+                                   "running mean of the counts of 1..m and its own valid token count; "
+                                   "loss/aux_pieces holds each micro-batch's loss, loss/aux their sum"),
     ]
     return cases + system_cases()
 
