@@ -172,8 +172,19 @@ def compute_system_case(spec, backend: str = "numpy") -> dict:
     x = xp.asarray(x_h.astype(dtype))                                                  # [N, D]
     params = {k: xp.asarray(v.astype(dtype)) for k, v in params_h.items()}
     dy = xp.asarray(dy_h.astype(dtype))                                                # [N, D]
-    cfg = spec.config()
+    out = evaluate_system(spec, x, params, dy, xp.asarray(valid_h))
+    host = {k: to_numpy(v) for k, v in out.items()}
+    host = {k: (v if v.dtype.kind in "bi" else v.astype(dtype, copy=False)) for k, v in host.items()}
+    host["inter/topk_idx"] = host["inter/topk_idx"].astype(np.int64)
+    return host
 
+
+def evaluate_system(spec, x, params: dict, dy, valid) -> dict:
+    """A system case's pipeline on given arrays (any backend): key -> array (``expert_bias`` has no gradient key).
+
+    x [N, D], params (the config's, ``expert_bias`` included), dy [N, D], valid [N] bool (all True here).
+    """
+    cfg = spec.config()
     y, cache = moe_forward(x, params, cfg)
     terms = system_terms(spec.system)
     caches = {t: term_forward(family, form, cache, batch_shape=spec.batch_shape)
@@ -185,7 +196,7 @@ def compute_system_case(spec, backend: str = "numpy") -> dict:
     for t, (value, _) in caches.items():                                  # total = task + alpha aux (+ zeta z)
         total = total + float(coef[t]) * value
 
-    out = {"input/x": x, "input/dy": dy, "input/valid_mask": xp.asarray(valid_h)}
+    out = {"input/x": x, "input/dy": dy, "input/valid_mask": valid}
     out.update({f"param/{k}": v for k, v in params.items()})
     for name in ("logits", "scores", "topk_idx", "gates", "expert_out", "shared_out"):
         value = getattr(cache, name)
@@ -198,7 +209,4 @@ def compute_system_case(spec, backend: str = "numpy") -> dict:
     out["loss/total"] = total
     for t, g in grads.items():
         out.update({f"grad/{t}/{k}": v for k, v in g.items() if k != "expert_bias"})   # selection only
-    host = {k: to_numpy(v) for k, v in out.items()}
-    host = {k: (v if v.dtype.kind in "bi" else v.astype(dtype, copy=False)) for k, v in host.items()}
-    host["inter/topk_idx"] = host["inter/topk_idx"].astype(np.int64)
-    return host
+    return out
