@@ -75,8 +75,10 @@ def system_cases() -> list:
     """``sys_<S>`` (float64) and ``sys_<S>_f32`` (float32) for every preset S of ``refmoe.systems.SYSTEMS``."""
     cases = []
     for seed, (name, system) in enumerate(SYSTEMS.items()):
-        balancing = "none" if system.balancing is None else f"{system.balancing[0]} {system.balancing[1]}"
-        alpha = system_terms(name).get("aux", (None, None, 0.0))[2]
+        terms = system_terms(name)
+        alpha = terms["aux"][2] if "aux" in terms else 0.0
+        balancing = "none" if "aux" not in terms else f"{terms['aux'][0]} {terms['aux'][1]} x {alpha:g}"
+        balancing += f"; z-loss x {terms['z'][2]:g}" if "z" in terms else ""
         spec = SYSTEM_BASE.replace(
             name=f"sys_{name}", system=name, system_overrides=SYSTEM_SHAPES.get(name, ()), seed=seed,
             n_shared=system.overrides.get("n_shared", 0), aux=system.balancing[1] if system.balancing else None,
