@@ -230,6 +230,8 @@ def run_layers_case(arrays: dict, entry: dict, broken: str | None = None) -> dic
 
 
 def supports(entry) -> bool:
+    if entry.get("system") is not None:         # sys_<S> cases: routers of other systems, not implemented here
+        return False
     var = entry["variants"]
     if entry.get("kind", "layer") == "aux_layers":
         return var["aux"] in LAYER_FORMS

@@ -328,3 +328,75 @@ def test_properties_on_random_shapes(E_, data):
         assert float(lm) == pytest.approx(float(lt), rel=1e-12), name
         np.testing.assert_allclose(dm[mask], dt, rtol=1e-12, atol=1e-15)
         assert np.all(dm[~mask] == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# megatron-core 0.16.1 as written: seq_aux_loss with a padding mask, global_aux_loss under accumulation
+# ----------------------------------------------------------------------------------------------
+
+def test_seq_valid_over_b_is_seq_without_a_mask_and_shares_one_token_count_with_one(rng):
+    B, T = 3, 4
+    s, idx = random_layer(rng, B * T)
+    plain = float(conv.megatron_forward([(s, idx)], "seq", batch_shape=(B, T))[0])
+    assert float(conv.megatron_forward([(s, idx)], "seq_valid_over_b", batch_shape=(B, T))[0]) == \
+        pytest.approx(plain, rel=1e-14)
+    mask = np.ones(B * T, bool)
+    mask[[1 * B + 2, 3 * B + 2, 3 * B + 1]] = False                   # tokens t*B + b: lengths 4, 3, 2
+    got = float(conv.megatron_forward([(s, idx)], "seq_valid_over_b", valid_mask=mask, batch_shape=(B, T))[0])
+    # by hand: T-bar = 9 / 3 = 3 for every sequence
+    v = mask.reshape(T, B).astype(float)
+    r = np.zeros((B * T, E)); np.put_along_axis(r, idx, 1.0, axis=1)
+    c = (v[:, :, None] * r.reshape(T, B, E)).sum(0)                   # [B, E]
+    S = (v[:, :, None] * s.reshape(T, B, E)).sum(0)                   # [B, E]
+    assert got == pytest.approx((E / (K * 3.0 ** 2) * (c * S).sum(1)).mean(), rel=1e-13)
+    own = float(conv.megatron_forward([(s, idx)], "seq", valid_mask=mask, batch_shape=(B, T))[0])
+    assert abs(got - own) > 1e-3                                      # refmoe's own-length form differs
+    with pytest.raises(ValueError, match="batch_shape"):
+        conv.megatron_forward([(s, idx)], "seq_valid_over_b")
+
+
+def test_global_accumulated_running_mean(rng):
+    layers = [random_layer(rng, 8) for _ in range(2)]
+    cut = [slice(0, 3), slice(3, 8)]
+    micro = [[(s[c], i[c]) for s, i in layers] for c in cut]
+    (l1, _), (l2, _) = conv.megatron_global_accumulated_forward(micro)
+    # the first micro-batch sees only its own counts: the micro-batch scope
+    assert float(l1) == pytest.approx(float(conv.megatron_forward(micro[0], "micro_batch")[0]), rel=1e-13)
+    # the second: mean of both micro-batches' counts, its own 5 tokens
+    want = 0.0
+    for (s0, i0), (s1, i1) in zip(micro[0], micro[1]):
+        cnt = lambda i: np.bincount(i.reshape(-1), minlength=E).astype(float)
+        want += E / (K * 5.0 ** 2) * ((cnt(i0) + cnt(i1)) / 2 * s1.sum(0)).sum()
+    assert float(l2) == pytest.approx(want, rel=1e-13)
+    # unlike the data-parallel "global" pieces, these do not add up to the global-batch loss
+    full = float(conv.megatron_forward(layers, "global")[0])
+    assert abs(float(l1) + float(l2) - full) > 1e-3
+    with pytest.raises(ValueError, match="non-empty"):
+        conv.megatron_global_accumulated_forward([])
+
+
+def test_new_megatron_conventions_gradients_fd(rng):
+    layers = [random_layer(rng, 6) for _ in range(2)]
+    mask = np.array([1, 1, 0, 1, 1, 0], bool)
+    fwd = lambda ls: conv.megatron_forward(ls, "seq_valid_over_b", valid_mask=mask, batch_shape=(2, 3))
+    loss, cache = fwd(layers)
+    d = conv.layers_backward(1.0, cache)
+    f = lambda inp: fwd([(inp["s0"], layers[0][1]), (inp["s1"], layers[1][1])])[0]
+    assert_all_below(check_vjp(f, {"s0": layers[0][0], "s1": layers[1][0]}, {"s0": d[0], "s1": d[1]}))
+    cut = [slice(0, 2), slice(2, 6)]
+    masks = [mask[c] for c in cut]
+
+    def pieces(inp):
+        micro = [[(inp[f"s{l}_{m}"], layers[l][1][c]) for l in range(2)] for m, c in enumerate(cut)]
+        return conv.megatron_global_accumulated_forward(micro, masks)
+
+    inp = {f"s{l}_{m}": layers[l][0][c] for l in range(2) for m, c in enumerate(cut)}
+    grads = {}
+    for m, (_, cache) in enumerate(pieces(inp)):
+        for l, g in enumerate(conv.layers_backward(1.0, cache)):
+            grads[f"s{l}_{m}"] = g
+    total = lambda inp: sum(loss for loss, _ in pieces(inp))
+    assert_all_below(check_vjp(total, inp, grads))                   # measured ~1e-10; pass mark 1e-7
+    s32 = [(s.astype(np.float32), i) for s, i in layers]
+    assert fwd(s32)[0].dtype == np.float32
+    assert conv.megatron_global_accumulated_forward([s32], [mask])[0][0].dtype == np.float32

@@ -62,6 +62,8 @@ def test_manifest_fields_and_checksums(golden):
             assert set(e["config"]) == {"n_experts", "top_k", "n_layers"} and e["terms"] == ["aux"]
             assert e["keys"]["grad/aux/logits"]["shape"] == e["keys"]["input/logits"]["shape"]
             continue
+        if e["system"] is not None:                     # sys_<S>: checked in test_golden_systems.py
+            continue
         assert set(e["config"]) == {"d_model", "d_hidden", "n_experts", "top_k", "n_shared", "norm_topk_prob"}
         assert set(e["coefficients"]) == {"alpha", "beta", "gamma"} and e["variants"]["aux"]
         assert e["keys"]["input/x"]["dtype"] == e["dtype"] and e["keys"]["inter/topk_idx"]["dtype"] == "int64"
@@ -88,7 +90,7 @@ def test_files_load_without_pickle(golden):
 def test_intermediates_and_totals_are_consistent(golden):
     m = load_manifest(golden)
     for name, e in m["cases"].items():
-        if e["kind"] != "layer":
+        if e["kind"] != "layer" or e["system"] is not None:      # sys_<S>: test_golden_systems.py
             continue
         a = load_case(golden, name, m)
         tol = 1e-12 if e["dtype"] == "float64" else 1e-5
@@ -167,6 +169,51 @@ def test_convention_cases(golden):
     a = load_case(golden, "conv_megatron_global", m)
     assert a["loss/aux_pieces"].shape == (2,)
     assert a["loss/aux_pieces"].sum() == pytest.approx(float(a["loss/aux"]), rel=1e-14)
+
+
+def test_megatron_core_convention_cases(golden):
+    """conv_megatron_seq_valid_over_b and conv_megatron_global_accumulated: values recomputed by hand from the
+    logits (megatron-core 0.16.1's arithmetic, docs/spec.md 6.4) and the stored gradients by central differences."""
+    from refmoe.gradcheck import check_vjp
+    from refmoe.losses import aux_conventions as conv
+
+    m = load_manifest(golden)
+    e = m["cases"]["conv_megatron_seq_valid_over_b"]
+    a = load_case(golden, "conv_megatron_seq_valid_over_b", m)
+    (B, T), K, E = e["batch_shape"], e["config"]["top_k"], e["config"]["n_experts"]
+    v = a["input/valid_mask"].astype(float)
+    assert v.reshape(T, B).sum(0).tolist() == [4.0, 2.0]                 # uneven sequences, T-bar = 3
+    want = 0.0
+    for s, idx in zip(softmax_rows(a["input/logits"].reshape(-1, E)).reshape(a["input/logits"].shape),
+                      a["inter/topk_idx"]):
+        r = np.zeros_like(s); np.put_along_axis(r, idx, 1.0, axis=1)
+        c = (v[:, None] * r).reshape(T, B, E).sum(0)
+        S = (v[:, None] * s).reshape(T, B, E).sum(0)
+        want += (E / (K * 3.0 ** 2) * c * S).sum() / B
+    assert float(a["loss/aux"]) == pytest.approx(want, rel=1e-13)
+
+    def seq(inp):
+        layers = [(softmax_rows(z), i) for z, i in zip(inp["logits"], a["inter/topk_idx"])]
+        return conv.megatron_forward(layers, "seq_valid_over_b", valid_mask=a["input/valid_mask"],
+                                     batch_shape=(B, T))[0]
+
+    errs = check_vjp(seq, {"logits": a["input/logits"]}, {"logits": a["grad/aux/logits"]})
+    assert errs["logits"] < 1e-7, errs                                  # pass mark 1e-7
+
+    a = load_case(golden, "conv_megatron_global_accumulated", m)
+    mb, valid = a["input/micro_batch"], a["input/valid_mask"]
+    parts = [np.nonzero(mb == k)[0] for k in range(mb.max() + 1)]
+    assert [len(p) for p in parts] == [3, 5] and not valid[6]
+
+    def pieces(inp):
+        micro = [[(softmax_rows(z[p]), i[p]) for z, i in zip(inp["logits"], a["inter/topk_idx"])] for p in parts]
+        return [loss for loss, _ in conv.megatron_global_accumulated_forward(micro, [valid[p] for p in parts])]
+
+    got = pieces({"logits": a["input/logits"]})
+    np.testing.assert_allclose(got, a["loss/aux_pieces"], rtol=1e-13)
+    assert a["loss/aux_pieces"].sum() == pytest.approx(float(a["loss/aux"]), rel=1e-14)
+    errs = check_vjp(lambda inp: sum(pieces(inp)), {"logits": a["input/logits"]}, {"logits": a["grad/aux/logits"]})
+    assert errs["logits"] < 1e-7, errs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,9 +22,13 @@ def reference():
 
 def test_torch_reference_passes_every_case(reference, golden, tmp_path):
     done = reference.run(golden, str(tmp_path))
-    cases = load_manifest(golden)["cases"]
-    assert sorted(done) == sorted(cases)                                  # it supports the whole grid
-    report = check_dump(golden, str(tmp_path), require_all=True)
+    cases = {n: e for n, e in load_manifest(golden)["cases"].items() if reference.supports(e)}
+    assert sorted(done) == sorted(cases)
+    # the whole grid but the sys_<S> cases (other routers) and the two megatron-core 0.16.1 conventions
+    assert {n for n in load_manifest(golden)["cases"] if n not in cases} == (
+        {n for n in load_manifest(golden)["cases"] if n.startswith("sys_")}
+        | {"conv_megatron_seq_valid_over_b", "conv_megatron_global_accumulated"})
+    report = check_dump(golden, str(tmp_path), cases=sorted(cases), require_all=True)
     assert report.ok, report.format()
     f64 = [n for n, e in cases.items() if e["dtype"] == "float64"]
     assert check_dump(golden, str(tmp_path), cases=f64, rtol=1e-10, atol=1e-13).ok
@@ -48,7 +52,7 @@ def test_counted_padding_is_caught_and_named(reference, golden, tmp_path):
     reference.run(golden, str(tmp_path), broken="count_padding")
     report = check_dump(golden, str(tmp_path))
     masked = {n for n, e in load_manifest(golden)["cases"].items()
-              if e["padding_tokens"] and not e["regularisers_see_padding"]}
+              if e["padding_tokens"] and not e["regularisers_see_padding"] and reference.supports(e)}
     assert {"padding", "conv_hf_mixtral", "conv_megatron_seq"} <= masked
     assert {r.case for r in report.failures} == masked
     assert all(r.key.startswith(("loss/", "grad/")) for r in report.failures)

@@ -23,6 +23,7 @@ from ..layer import init_params, moe_forward
 from ..losses.terms import TERM_FORMS
 from ..autoscale import autoscale_weights
 from ..objective import PRESETS, compose_backward, regularisers_forward
+from ..systems import system_config
 
 # Forms of L_aux a case may use (the order of the default grid's cases)
 AUX_FORMS = tuple(sorted(f for f in TERM_FORMS["aux"] if f != "gshard_first_choice")) + ("gshard_first_choice",)
@@ -57,12 +58,17 @@ class CaseSpec:
     kind: str = "layer"                  # "layer", or "aux_layers": a multi-layer balancing-loss convention
     n_layers: int = 1                    # aux_layers: L router outputs
     micro_batches: tuple = ()            # aux_layers, megatron_global: sizes of the micro-batches
+    system: str | None = None            # a preset of refmoe.systems: the layer and its losses as S builds them
+    system_overrides: tuple = ()         # system: (field, value) pairs replacing preset fields (e.g. n_group)
 
     @property
     def n_tokens(self) -> int:
         return self.batch_shape[0] * self.batch_shape[1]
 
     def config(self) -> MoEConfig:
+        if self.system is not None:
+            return system_config(self.system, self.d_model, self.d_hidden, self.n_experts, self.top_k,
+                                 **dict(self.system_overrides))
         return MoEConfig(self.d_model, self.d_hidden, self.n_experts, self.top_k, self.n_shared,
                          self.norm_topk_prob)
 
@@ -153,6 +159,10 @@ def compute_case(spec: CaseSpec, backend: str = "numpy") -> dict:
         from .conventions import compute_convention_case
 
         return compute_convention_case(spec, backend)
+    if spec.system is not None:
+        from .systems_cases import compute_system_case
+
+        return compute_system_case(spec, backend)
     spec = resolve_preset(spec)
     if spec.kind != "layer":
         raise ValueError(f"case {spec.name!r}: kind={spec.kind!r}; expected 'layer' or 'aux_layers'")

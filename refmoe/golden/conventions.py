@@ -6,9 +6,9 @@ Such a case has no MoE layer: its input is the router logits of L layers, as HF'
 ``load_balancing_loss_func`` takes them. Keys:
 
     input/logits [L, N, E]   input/valid_mask [N] bool (the same for every layer)
-    input/micro_batch [N] int64 (megatron_global only: the micro-batch of each token, contiguous)
+    input/micro_batch [N] int64 (megatron_global*: the micro-batch of each token, contiguous)
     inter/scores [L, N, E]   inter/topk_idx [L, N, K]
-    loss/aux []              loss/aux_pieces [M] (megatron_global: each micro-batch's share)
+    loss/aux []              loss/aux_pieces [M] (megatron_global*: each micro-batch's loss; aux is their sum)
     grad/aux/logits [L, N, E]
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from .. import ops
 from ..backend import get_xp, to_numpy
 from ..losses import aux_conventions as conv
 
-CONVENTION_FORMS = ("hf_mixtral", "megatron_micro_batch", "megatron_seq", "megatron_global")
+CONVENTION_FORMS = ("hf_mixtral", "megatron_micro_batch", "megatron_seq", "megatron_global",
+                    "megatron_seq_valid_over_b", "megatron_global_accumulated")
 
 
 def _inputs(spec):
@@ -56,15 +57,19 @@ def compute_convention_case(spec, backend: str = "numpy") -> dict:
     mask = valid if spec.padding else None
     out = {"input/logits": logits, "input/valid_mask": valid, "inter/scores": scores, "inter/topk_idx": idx}
 
-    if spec.aux == "megatron_global":
+    if spec.aux in ("megatron_global", "megatron_global_accumulated"):
         mb = _micro_batch_ids(spec)
         parts = [xp.asarray(np.nonzero(mb == m)[0]) for m in range(mb.max() + 1)]
         micro = [[(scores[l][r], idx[l][r]) for l in range(spec.n_layers)] for r in parts]
         masks = [None if mask is None else mask[r] for r in parts]
-        stats = conv.megatron_global_counts(micro, masks)
+        if spec.aux == "megatron_global":                 # data-parallel parts of one step: summed counts
+            stats = conv.megatron_global_counts(micro, masks)
+            results = [conv.megatron_forward(layers, "global", valid_mask=m, global_counts=stats)
+                       for layers, m in zip(micro, masks)]
+        else:                                             # gradient accumulation: running mean of the counts
+            results = conv.megatron_global_accumulated_forward(micro, masks)
         pieces, d_scores = [], xp.zeros_like(scores)
-        for r, layers, m in zip(parts, micro, masks):
-            loss, cache = conv.megatron_forward(layers, "global", valid_mask=m, global_counts=stats)
+        for r, (loss, cache) in zip(parts, results):
             pieces.append(loss)
             for l, d in enumerate(conv.layers_backward(1.0, cache)):
                 d_scores[l][r] = d

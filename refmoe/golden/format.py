@@ -5,7 +5,7 @@ Arrays are stored under slash-separated keys:
     input/x [N, D]   input/dy [N, D]   input/valid_mask [N] bool   param/<name> (every parameter)
     inter/logits [N, E]  inter/scores [N, E]  inter/topk_idx [N, K] int64  inter/gates [N, K]
     inter/expert_out [N, K, D]  inter/y [N, D]  (inter/shared_out [N, D] with shared experts)
-    loss/<term> []                     term in task, aux, ortho, var, total
+    loss/<term> []                     term in task, aux, ortho, var, z (sys_megatron* cases), total
     grad/<term>/<name>                 the term's contribution to grad/total: the gradient of its value times
                                        its coefficient (task: 1), for name = x and every parameter, same shape
                                        and dtype as the input (schema 2; schema 1 stored them unweighted)

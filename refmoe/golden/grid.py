@@ -1,7 +1,9 @@
 """The default grid of golden cases: one change from a base case at a time, so a failure names its cause."""
 from __future__ import annotations
 
+from ..systems import SYSTEMS
 from .cases import AUX_FORMS, CaseSpec
+from .systems_cases import system_terms
 
 BASE = CaseSpec(name="base", description="E=4, K=2, D=6, H=5, N=8 as (B, T) = (2, 4); switch + pairwise + paper")
 
@@ -48,7 +50,42 @@ def default_cases() -> list:
         layers.replace(name="conv_megatron_global", aux="megatron_global", n_layers=2, micro_batches=(3, 5),
                        description="Megatron-Core global-batch scope: micro-batches of 3 and 5 tokens, "
                                    "counts over both; loss/aux_pieces holds each micro-batch's share"),
+        layers.replace(name="conv_megatron_seq_valid_over_b", aux="megatron_seq_valid_over_b", n_layers=2,
+                       padding=(3, 7),
+                       description="megatron-core 0.16.1 seq_aux_loss with a padding mask: tokens t*B + b, "
+                                   "(B, T) = (2, 4), sequence 1 has 2 valid tokens; every sequence normalised "
+                                   "by (valid tokens)/B = 3"),
+        layers.replace(name="conv_megatron_global_accumulated", aux="megatron_global_accumulated", n_layers=2,
+                       micro_batches=(3, 5), padding=(6,),
+                       description="megatron-core 0.16.1 global_aux_loss under gradient accumulation: "
+                                   "micro-batches of 3 and 5 tokens (token 6 padding), micro-batch m uses the "
+                                   "running mean of the counts of 1..m and its own valid token count; "
+                                   "loss/aux_pieces holds each micro-batch's loss, loss/aux their sum"),
     ]
+    return cases + system_cases()
+
+
+# the small shapes of a system case; groups need E divisible by n_group with more groups than topk_group
+SYSTEM_BASE = CaseSpec(name="sys", d_model=8, d_hidden=6, n_experts=8, top_k=2, batch_shape=(2, 6),
+                       ortho=None, var=None)
+SYSTEM_SHAPES = {"deepseek_v3": (("n_group", 4), ("topk_group", 2))}     # the preset's 8 / 4 need E = 256
+
+
+def system_cases() -> list:
+    """``sys_<S>`` (float64) and ``sys_<S>_f32`` (float32) for every preset S of ``refmoe.systems.SYSTEMS``."""
+    cases = []
+    for seed, (name, system) in enumerate(SYSTEMS.items()):
+        terms = system_terms(name)
+        alpha = terms["aux"][2] if "aux" in terms else 0.0
+        balancing = "none" if "aux" not in terms else f"{terms['aux'][0]} {terms['aux'][1]} x {alpha:g}"
+        balancing += f"; z-loss x {terms['z'][2]:g}" if "z" in terms else ""
+        spec = SYSTEM_BASE.replace(
+            name=f"sys_{name}", system=name, system_overrides=SYSTEM_SHAPES.get(name, ()), seed=seed,
+            n_shared=system.overrides.get("n_shared", 0), aux=system.balancing[1] if system.balancing else None,
+            alpha=alpha, beta=0.0, gamma=0.0,
+            description=f"system preset {name!r} (E=8, K=2, D=8, H=6, (B, T) = (2, 6)); balancing {balancing}")
+        cases += [spec, spec.replace(name=f"sys_{name}_f32", dtype="float32",
+                                     description=spec.description + "; float32")]
     return cases
 
 

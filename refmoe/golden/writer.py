@@ -11,10 +11,13 @@ from . import format as fmt
 from . import trust
 from .cases import CaseSpec, compute_case, resolve_preset
 from .grid import select
+from .systems_cases import system_terms, system_tolerance
 
 
 def case_entry(spec: CaseSpec, arrays: dict, digest: str) -> dict:
     """The manifest entry of one case (everything an implementer needs besides the arrays)."""
+    if spec.system is not None:
+        return system_entry(spec, arrays, digest)
     spec_dict = dataclasses.asdict(spec)
     config_fields = ("d_model", "d_hidden", "n_experts", "top_k", "n_shared", "norm_topk_prob")
     if spec.kind == "aux_layers":
@@ -38,6 +41,40 @@ def case_entry(spec: CaseSpec, arrays: dict, digest: str) -> dict:
         "ortho_eps": spec.ortho_eps,
         "preset": spec.preset,
         "ties": spec.ties,
+        "seed": spec.seed,
+        "system": None,
+        "terms": sorted({k.split("/")[1] for k in arrays if k.startswith("grad/")}),
+        "keys": fmt.key_specs(arrays),
+    }
+
+
+def system_entry(spec: CaseSpec, arrays: dict, digest: str) -> dict:
+    """The manifest entry of a ``sys_<S>`` case: every MoEConfig field, the terms' forms and coefficients."""
+    terms = system_terms(spec.system)
+    names = {"aux": "alpha", "z": "zeta"}
+    return {
+        "kind": spec.kind,
+        "micro_batches": [],
+        "file": f"{spec.name}.npz",
+        "sha256": digest,
+        "description": spec.description,
+        "dtype": spec.dtype,
+        "tolerance": dict(system_tolerance(spec.system, spec.dtype)),
+        "system": spec.system,
+        "config": dataclasses.asdict(spec.config()),
+        "n_tokens": spec.n_tokens,
+        "batch_shape": list(spec.batch_shape),
+        "token_order": "t*B + b" if spec.system.startswith("megatron") else "b*T + t",
+        "padding_tokens": [],
+        "regularisers_see_padding": False,
+        "variants": {"aux": terms["aux"][1] if "aux" in terms else None, "ortho": None, "var": None,
+                     "z": terms["z"][1] if "z" in terms else None},
+        "balancing": list(terms["aux"][:2]) if "aux" in terms else None,
+        "coefficients": {names[t]: c for t, (_, _, c, _) in terms.items()},
+        "coefficient_source": {names[t]: why for t, (_, _, _, why) in terms.items()},
+        "ortho_eps": None,
+        "preset": None,
+        "ties": False,
         "seed": spec.seed,
         "terms": sorted({k.split("/")[1] for k in arrays if k.startswith("grad/")}),
         "keys": fmt.key_specs(arrays),
@@ -82,7 +119,7 @@ def write_golden(directory, cases=None, *, backend: str | None = "numpy") -> dic
         "backend": name,
         "tie_rule": fmt.TIE_RULE,
         "task_loss": "L_h = <dy, y>; its gradient is the layer's vector-Jacobian product with dy",
-        "total": "total = L_h + alpha L_aux + beta L_o + gamma L_v",
+        "total": "total = L_h + alpha L_aux + beta L_o + gamma L_v (+ zeta L_z: system cases)",
         "grad_terms": ("grad/<term>/* is the term's contribution to grad/total: the gradient of loss/<term> times "
                        "its coefficient (1 for task); grad/total/* is their sum"),
         "tolerances": fmt.TOLERANCES,

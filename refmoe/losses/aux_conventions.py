@@ -22,11 +22,19 @@ Several layers: a function of a list of per-layer ``(scores, topk_idx)``
                           (sum_t s_tj) c_j, balanced 1 per layer), "seq" (megatron_seq per layer) or
                           "global" (counts c_j and token count taken over the whole global batch, scores
                           summed over this micro-batch only, so the per-micro-batch pieces add up exactly
-                          to the global-batch loss; see :func:`megatron_global_counts`).
+                          to the global-batch loss; see :func:`megatron_global_counts`), or
+                          "seq_valid_over_b" (megatron_seq normalised as megatron-core 0.16.1 does with a
+                          padding mask: every sequence by (valid tokens of the micro-batch) / B, not by its
+                          own valid length; without a mask the same as "seq"; docs/spec.md 6.4 item 1).
+    megatron_global_accumulated   Megatron-Core 0.16.1 ``global_aux_loss`` under gradient accumulation
+                          (:func:`megatron_global_accumulated_forward`): micro-batch m uses the running mean of
+                          the counts of micro-batches 1..m and its own token count (docs/spec.md 6.4 item 2);
+                          the pieces do not add up to a global-batch loss.
 
 Padding: ``valid_mask`` [N] bool, True = real token, is the same for every layer; padding is dropped from
-counts, means and token counts, so a masked batch equals the truncated batch. (Megatron normalises a
-sequence by its full length T; with a mask refmoe uses the sequence's valid length.)
+counts, means and token counts, so a masked batch equals the truncated batch. (With a mask megatron-core
+normalises a sequence by (valid tokens) / B: scope "seq_valid_over_b"; scope "seq" uses the sequence's own
+valid length.)
 
 Single-layer identities (tested): hf_mixtral on one layer = ``switch``; megatron micro_batch on one
 layer = ``deepseek_batch``; gshard_first_choice = ``switch`` on the first top-k column.
@@ -36,11 +44,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import array_namespace
-from ..checks import check_mask, check_scores, check_topk, mask_weights
+from ..checks import check_mask, check_scores, check_topk, mask_weights, resolve_batch_shape
 from .aux import AuxCache, aux_loss_backward, aux_loss_forward, routing_map
 
-MEGATRON_SCOPES = ("micro_batch", "seq", "global")
-CONVENTIONS = ("megatron_seq", "gshard_first_choice", "hf_mixtral", "megatron")
+MEGATRON_SCOPES = ("micro_batch", "seq", "global", "seq_valid_over_b")
+CONVENTIONS = ("megatron_seq", "gshard_first_choice", "hf_mixtral", "megatron", "megatron_global_accumulated")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +147,28 @@ def _global_layer(scores, topk_idx, mask, stats: GlobalCounts, layer: int):
     return (w * scores).sum(), AuxCache(w, "megatron_global", None, scores.shape)
 
 
+def _seq_valid_over_b_layer(scores, topk_idx, mask, batch_shape):
+    r"""One layer of megatron-core's ``seq_aux_loss`` with a padding mask; tokens i = t*B + b.
+
+    .. math:: L = \frac{1}{B} \sum_b \frac{E}{K \bar T^2} \sum_j c_{bj} \sum_t v_{tb} s_{tbj},\qquad
+              \bar T = \frac{1}{B} \sum_{t,b} v_{tb}
+
+    c_bj counts the valid tokens of sequence b routed to j; the one token count T-bar (megatron-core's
+    ``total_num_tokens = sum(c) / (K B)``) is shared by every sequence. Without padding T-bar = T.
+    """
+    xp = array_namespace(scores)
+    N, E = scores.shape
+    B, T = resolve_batch_shape(batch_shape, N)
+    K = topk_idx.shape[1]
+    valid = mask_weights(mask, N, scores.dtype, xp)                                  # [N]
+    routed = valid[:, None] * routing_map(topk_idx, E, scores.dtype, xp)             # [N, E]
+    counts = routed.reshape(T, B, E).sum(axis=0)                                     # [B, E] c_bj
+    t_bar = valid.sum() / B                                                          # 0-d
+    w = valid.reshape(T, B)[:, :, None] * (E * counts / (K * t_bar * t_bar * B))[None, :, :]   # [T, B, E]
+    w = w.reshape(N, E)                                                              # [N, E] token t*B + b
+    return (w * scores).sum(), AuxCache(w, "megatron_seq_valid_over_b", None, scores.shape)
+
+
 def megatron_forward(layers, scope: str = "micro_batch", *, valid_mask=None, batch_shape=None,
                      global_counts: GlobalCounts | None = None):
     r"""Megatron-Core switch balancing loss, computed per layer and summed over the L layers.
@@ -148,6 +178,8 @@ def megatron_forward(layers, scope: str = "micro_batch", *, valid_mask=None, bat
           "global"       counts and token count from ``global_counts`` (default: this micro-batch alone);
                          summing the result over the micro-batches of the global batch gives the
                          global-batch loss, and each micro-batch's gradient is its slice of that loss's.
+          "seq_valid_over_b"  as "seq" with megatron-core's normalisation under a padding mask: every
+                         sequence by (valid tokens) / B (:func:`_seq_valid_over_b_layer`); needs batch_shape
     Balanced value 1 per layer (L in total). Returns (loss, LayersCache).
     """
     if scope not in MEGATRON_SCOPES:
@@ -161,12 +193,46 @@ def megatron_forward(layers, scope: str = "micro_batch", *, valid_mask=None, bat
     for l, (scores, topk_idx) in enumerate(layers):
         if scope == "global":
             loss, cache = _global_layer(scores, topk_idx, mask, global_counts, l)
+        elif scope == "seq_valid_over_b":
+            if batch_shape is None:
+                raise ValueError("scope='seq_valid_over_b' needs batch_shape=(B, T) (tokens i = t*B + b)")
+            loss, cache = _seq_valid_over_b_layer(scores, topk_idx, mask, batch_shape)
         else:
             variant = "deepseek_batch" if scope == "micro_batch" else "megatron_seq"
             loss, cache = aux_loss_forward(scores, topk_idx, variant, valid_mask=valid_mask, batch_shape=batch_shape)
         total = total + loss
         caches.append(cache)
     return total, LayersCache(tuple(caches), len(layers), N, False)
+
+
+def megatron_global_accumulated_forward(micro_batches, valid_masks=None) -> list:
+    r"""Megatron-Core 0.16.1 ``global_aux_loss`` over M micro-batches of one step, in order (one rank).
+
+    .. math:: L^{(m)} = \sum_l \frac{E}{K N_m^2} \sum_j \bar c^{(l,m)}_j \sum_{t \in m} v_t s^{(l)}_{tj},\qquad
+              \bar c^{(l,m)} = \frac{1}{m} \sum_{m' \le m} c^{(l,m')}
+
+    (router.py l. 384-394: ``global_tokens_per_expert += c; ga_steps += 1``, the counts divided by ``ga_steps``;
+    ``total_num_tokens`` N_m is the CURRENT micro-batch's valid token count.) The running sums start at zero
+    for every step (``finalize_model_grads``). Micro-batch m never sees later counts, so the pieces do not add
+    up to the global-batch loss of scope "global"; with one micro-batch both equal the micro_batch scope.
+
+    micro_batches  list over micro-batches of lists over layers of (scores [N_m, E], topk_idx [N_m, K])
+    valid_masks    optional list of [N_m] bool (True = real token) or None, one per micro-batch
+    Returns a list of M pairs (loss_m, LayersCache); :func:`layers_backward` of a cache gives that micro-batch's
+    d_scores (the counts have zero gradient).
+    """
+    if not isinstance(micro_batches, (list, tuple)) or len(micro_batches) == 0:
+        raise ValueError("micro_batches must be a non-empty list of per-layer lists")
+    valid_masks = [None] * len(micro_batches) if valid_masks is None else valid_masks
+    if len(valid_masks) != len(micro_batches):
+        raise ValueError(f"{len(valid_masks)} masks for {len(micro_batches)} micro-batches")
+    running, out = None, []
+    for m, (layers, mask) in enumerate(zip(micro_batches, valid_masks)):
+        here = megatron_global_counts([layers], [mask])                  # this micro-batch's counts and N_m
+        running = here.counts if running is None else tuple(a + b for a, b in zip(running, here.counts))
+        stats = GlobalCounts(tuple(c / (m + 1) for c in running), here.n_tokens, here.top_k)   # mean over 1..m
+        out.append(megatron_forward(layers, "global", valid_mask=mask, global_counts=stats))
+    return out
 
 
 def layers_backward(dloss, cache: LayersCache) -> list:
@@ -185,7 +251,7 @@ def balanced_value(name: str, n_experts: int, top_k: int, n_layers: int = 1) -> 
     1 per layer for the others (summed over ``n_layers`` for megatron)."""
     if name == "hf_mixtral":
         return float(top_k)
-    if name == "megatron":
+    if name in ("megatron", "megatron_global_accumulated"):
         return float(n_layers)
     if name in ("megatron_seq", "gshard_first_choice"):
         return 1.0
