@@ -133,7 +133,9 @@ SYSTEMS: dict[str, System] = {
                          "so far; on one forward = megatron_aux; several parts: "
                          "aux_conventions.megatron_forward(scope='global'); " + _MCORE_AUX),
         balancing_coefficient=None, layers=_MCORE_LAYERS, z_loss=None, dropping="none",
-        source=_MCORE_SOURCE, notes="the running mean over micro-batches is not reproduced (docs/spec.md 6.4 item 2)"),
+        source=_MCORE_SOURCE, notes=("the layer's loss is the across-ranks form; the running mean over the micro-batches of gradient "
+               "accumulation is refmoe.losses.aux_conventions.megatron_global_accumulated_forward (docs/spec.md 6.4 "
+               "item 2)")),
     "megatron_capacity": System(
         overrides=dict(score_function="softmax", gates="topk_softmax", capacity_factor=1.0, drop_policy="probs"),
         balancing=("sys_aux", "megatron_aux"),
