@@ -71,12 +71,12 @@ def build(name, backend, inp, preset: Preset):
 
 
 def host(a):
-    """Any framework's array -> float64 NumPy (an explicit copy to the host)."""
+    """Any framework's array -> NumPy in its own dtype (an explicit copy to the host)."""
     if hasattr(a, "detach"):
-        a = a.detach().cpu().numpy()
-    elif not isinstance(a, (np.ndarray, np.generic, float)):
-        a = refmoe.to_numpy(a) if type(a).__module__.startswith("cupy") else np.asarray(a)
-    return np.asarray(a, dtype=np.float64)
+        return a.detach().cpu().numpy()
+    if type(a).__module__.startswith("cupy"):
+        return refmoe.to_numpy(a)
+    return np.asarray(a)
 
 
 def to_host(out):
@@ -205,9 +205,20 @@ def memory_gpu(impls: dict, sync):
 # one configuration
 # ----------------------------------------------------------------------------------------------
 
+_INPUTS = {}
+
+
+def inputs_for(shape, dtype):
+    """make_inputs once per (shape, dtype): both presets share the inputs (and the 16b draw takes seconds)."""
+    if (shape, dtype) not in _INPUTS:
+        _INPUTS.clear()
+        _INPUTS[shape, dtype] = make_inputs(shape, np.dtype(dtype).type)
+    return _INPUTS[shape, dtype]
+
+
 def run_config(args, shape, dtype, preset_name, env_skips):
     preset = presets()[preset_name]
-    inp = make_inputs(shape, np.dtype(dtype).type)
+    inp = inputs_for(shape, dtype)
     print(f"\n== {args.backend} {shape} {dtype} {preset_name}: C = {inp.capacity} (max load; mean "
           f"{inp.x.shape[0] * inp.cfg.top_k / inp.cfg.n_experts:.0f}), smallest top-{inp.cfg.top_k + 1} logit gap "
           f"{inp.min_gap:.1e}", flush=True)
@@ -231,6 +242,8 @@ def run_config(args, shape, dtype, preset_name, env_skips):
     if not args.no_memory:
         if args.backend == "numpy":
             res["memory"] = {n: memory_in_child(n, shape, dtype, preset_name) for n in impls}
+            if "jax" in impls:
+                res["memory"]["jax"]["xla_plan"] = impls["jax"].memory_analysis()
         else:
             res["memory"] = memory_gpu(impls, sync)
     print_config(res)
@@ -249,14 +262,32 @@ def print_config(r):
               f"peak MiB {peak}", flush=True)
 
 
+def print_table(results):
+    """One Markdown row per (configuration, implementation): the table of benchmarks/RESULTS.md."""
+    print("\n| shape | dtype | preset | impl | median ms | min-max ms | / jax | / best torch | peak MiB |")
+    print("|" + "---|" * 9)
+    for r in results:
+        if "median_s" not in r:
+            continue
+        med = r["median_s"]
+        best_torch = min((v for k, v in med.items() if k.startswith("torch")), default=float("nan"))
+        for k, t in med.items():
+            m = r.get("memory", {}).get(k, {})
+            peak = m.get("rss_peak_increase", m.get("step_peak"))
+            peak = "-" if peak is None else f"{peak / 2**20:.0f}"
+            lo, hi = min(r["times_s"][k]), max(r["times_s"][k])
+            print(f"| {r['shape']} | {r['dtype']} | {r['preset']['name']} | {k} | {1e3 * t:.1f} | "
+                  f"{1e3 * lo:.0f}-{1e3 * hi:.0f} | {t / med.get('jax', float('nan')):.2f} | {t / best_torch:.2f} | "
+                  f"{peak} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     ap.add_argument("--shapes", nargs="+", default=["cpu"], choices=list(SHAPES))
     ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "float64"])
     ap.add_argument("--presets", nargs="+", default=["paper", "authors_code"], choices=["paper", "authors_code"])
-    ap.add_argument("--impls", nargs="+", default=["refmoe", "refmoe_core", "torch_batched", "torch_loop", "jax"],
-                    choices=IMPLS)
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="also time refmoe's phases (and JAX's layer alone)")
@@ -284,6 +315,7 @@ def main(argv=None):
                 if args.json:
                     with open(args.json, "w") as f:
                         json.dump(out, f, indent=1)
+    print_table(out["results"])
     return out
 
 

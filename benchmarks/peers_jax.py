@@ -146,16 +146,21 @@ class JaxPeer:
             return value, (y, (l_aux, l_o, l_v))
 
         self.fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))
+        self.compiled = None                                           # compiled once, on the first step
 
     def step(self):
-        (_, (y, losses)), (dp, dx) = self.fn(self.p, self.x, self.dy)
+        if self.compiled is None:
+            self.compiled = self.fn.lower(self.p, self.x, self.dy).compile()
+        (_, (y, losses)), (dp, dx) = self.compiled(self.p, self.x, self.dy)
         grads = dict(dp, x=dx)
         jax.block_until_ready((y, grads, losses))
         return y, grads, losses
 
     def memory_analysis(self):
         """XLA's buffer plan of the compiled step (bytes): arguments, outputs, temporaries."""
-        m = self.fn.lower(self.p, self.x, self.dy).compile().memory_analysis()
+        if self.compiled is None:
+            self.compiled = self.fn.lower(self.p, self.x, self.dy).compile()
+        m = self.compiled.memory_analysis()
         if m is None:
             return None
         return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
