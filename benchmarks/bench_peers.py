@@ -233,9 +233,17 @@ def run_config(args, shape, dtype, preset_name, env_skips):
     print(f"  agreement checked in {time.perf_counter() - t0:.1f} s (JAX compiles here)", flush=True)
     if args.check_only:
         return res
+    if args.backend == "numpy":
+        res["cpu_gemm_gflops_before"] = peers_env.cpu_gemm_gflops()
     times = alternate(impls, sync, args.warmup, args.reps)
+    if args.backend == "numpy":
+        res["cpu_gemm_gflops_after"] = peers_env.cpu_gemm_gflops()
+        res["loadavg_after"] = os.getloadavg()
+        print(f"  CPU share: SGEMM 2048^3 {res['cpu_gemm_gflops_before']:.0f} GFLOP/s before the timing, "
+              f"{res['cpu_gemm_gflops_after']:.0f} after; load average {res['loadavg_after'][0]:.2f}", flush=True)
     res["times_s"] = times
     res["median_s"] = {k: float(np.median(v)) for k, v in times.items()}
+    res["paired_ratio"] = paired_ratios(times, res["median_s"])
     if args.profile:
         res["profile_s"] = profile_refmoe(impls["refmoe"], sync, args.reps, jax_peer=impls.get("jax"))
         print("  profile (ms): " + " ".join(f"{k} {1e3 * v:.1f}" for k, v in res["profile_s"].items()), flush=True)
@@ -248,6 +256,16 @@ def run_config(args, shape, dtype, preset_name, env_skips):
             res["memory"] = memory_gpu(impls, sync)
     print_config(res)
     return res
+
+
+def paired_ratios(times, med):
+    """Median over the rounds of t_impl / t_peer within a round (the runs of one round are seconds apart, so
+    a change of load between rounds cancels): peer = jax, and the torch implementation with the best median."""
+    torch_names = [k for k in med if k.startswith("torch")]
+    refs = {"jax": "jax" if "jax" in med else None,
+            "best_torch": min(torch_names, key=med.get) if torch_names else None}
+    return {k: {label: (None if ref is None else float(np.median(np.array(times[k]) / np.array(times[ref]))))
+                for label, ref in refs.items()} for k in med}
 
 
 def print_config(r):
@@ -264,8 +282,9 @@ def print_config(r):
 
 def print_table(results):
     """One Markdown row per (configuration, implementation): the table of benchmarks/RESULTS.md."""
-    print("\n| shape | dtype | preset | impl | median ms | min-max ms | / jax | / best torch | peak MiB |")
-    print("|" + "---|" * 9)
+    print("\n| shape | dtype | preset | impl | median ms | min-max ms | / jax | / best torch | / jax paired "
+          "| / best torch paired | peak MiB |")
+    print("|" + "---|" * 11)
     for r in results:
         if "median_s" not in r:
             continue
@@ -276,9 +295,11 @@ def print_table(results):
             peak = m.get("rss_peak_increase", m.get("step_peak"))
             peak = "-" if peak is None else f"{peak / 2**20:.0f}"
             lo, hi = min(r["times_s"][k]), max(r["times_s"][k])
+            pj, pt = (r["paired_ratio"][k][n] for n in ("jax", "best_torch"))
+            pj, pt = ("-" if v is None else f"{v:.2f}" for v in (pj, pt))
             print(f"| {r['shape']} | {r['dtype']} | {r['preset']['name']} | {k} | {1e3 * t:.1f} | "
                   f"{1e3 * lo:.0f}-{1e3 * hi:.0f} | {t / med.get('jax', float('nan')):.2f} | {t / best_torch:.2f} | "
-                  f"{peak} |")
+                  f"{pj} | {pt} | {peak} |")
 
 
 def main(argv=None):
@@ -312,6 +333,8 @@ def main(argv=None):
             for pname in args.presets:
                 out["results"].append(run_config(args, shape, dtype, pname, skips))
                 out["env"]["loadavg_at_end"] = os.getloadavg()
+                if args.backend == "numpy":
+                    out["env"]["cpu_gemm_gflops_at_end"] = peers_env.cpu_gemm_gflops()
                 if args.json:
                     with open(args.json, "w") as f:
                         json.dump(out, f, indent=1)

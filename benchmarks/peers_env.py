@@ -140,6 +140,18 @@ def configure(backend: str, impls, x64: bool) -> dict:
     return skips
 
 
+def cpu_gemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Best of ``reps`` float32 n^3 NumPy products, GFLOP/s: how much of the CPU this process is getting
+    (on a shared machine a low number means other processes were running)."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
 def _blas():
     try:
         cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
@@ -158,6 +170,8 @@ def environment(backend: str) -> dict:
         env["scipy"] = scipy.__version__
     except ImportError:
         pass
+    if backend == "numpy":
+        env["cpu_gemm_gflops_at_start"] = cpu_gemm_gflops()
     if backend == "cupy":
         import cupy
         env.update(cupy=cupy.__version__, cuda_runtime=cupy.cuda.runtime.runtimeGetVersion())
