@@ -121,8 +121,9 @@ def configure(backend: str, impls, x64: bool) -> dict:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
             torch.set_float32_matmul_precision("highest")
-            if backend == "numpy":
-                torch.set_num_threads(len(os.sched_getaffinity(0)))
+            if backend == "numpy":       # all cores, or OMP_NUM_THREADS (set it with OPENBLAS_NUM_THREADS and
+                # XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" for one thread)
+                torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", len(os.sched_getaffinity(0)))))
             elif not torch.cuda.is_available():
                 skips.update({n: "torch has no CUDA device" for n in impls if n.startswith("torch")})
     if "jax" in impls:
@@ -164,7 +165,9 @@ def environment(backend: str) -> dict:
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
            "numpy": np.__version__, "numpy_blas": _blas(), "refmoe": refmoe.__version__,
            "machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)), "loadavg_at_start": os.getloadavg(),
-           "device": refmoe.backend.device_description(backend), "CUPY_TF32": os.environ.get("CUPY_TF32")}
+           "device": refmoe.backend.device_description(backend), "CUPY_TF32": os.environ.get("CUPY_TF32"),
+           "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                                         "XLA_FLAGS")}}
     try:
         import scipy
         env["scipy"] = scipy.__version__
