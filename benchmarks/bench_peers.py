@@ -174,16 +174,24 @@ def memory_gpu(impls: dict, sync):
     """GPU: the step's peak of bytes held by live arrays beyond what was live before it (CuPy: a hook on the
     pool; torch: max_memory_allocated), plus its own parameters, x and dy. JAX: XLA's buffer plan."""
     import cupy
-    import torch
     from memtrack import GpuPeak
+    try:
+        import torch
+    except ImportError:
+        torch = None
     mem = {}
     for name, impl in impls.items():
+        for other in impls.values():       # leftover gradients of earlier steps are not this step's memory
+            if hasattr(other, "clear_grads"):
+                other.clear_grads()
         gc.collect()
         sync()
         cupy.get_default_memory_pool().free_all_blocks()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = torch.cuda.memory_allocated()
+        t0 = 0
+        if torch is not None:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = torch.cuda.memory_allocated()
         with GpuPeak() as gp:
             c0 = gp.used
             out = impl.step()

@@ -41,7 +41,7 @@ class RefmoePeer:
         return r.y, r.grads["total"], (r.losses["aux"], r.losses["ortho"], r.losses["var"])
 
     def _step_gram(self):
-        pr, cache = self.preset, None
+        pr = self.preset
         y, cache = self.forward(self.x, self.params, self.cfg)
         l_aux, d_aux = self.loss(cache, "aux", pr.aux, pr.alpha)
         l_o, c_o = refmoe.fast.ortho_gram.ortho_loss_forward(cache.expert_out, pr.ortho, eps=pr.ortho_eps,
