@@ -331,6 +331,8 @@ def main(argv=None):
         args.impls = ["refmoe", *args.impls]                 # the reference of the agreement check
     if args.mem_child:
         return mem_child(args)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     skips = peers_env.configure(args.backend, args.impls, x64="float64" in args.dtypes)
     out = {"env": peers_env.environment(args.backend), "args": vars(args), "skipped": skips, "results": []}
     print(json.dumps(out["env"]), flush=True)
