@@ -92,6 +92,8 @@ def run_block(block, arrays: dict, dtype, *, rank=None, aux=None, alpha=0.0):
     aux    optional function (logits [N, E]) -> the block's balancing loss L_aux (a torch scalar), or None
     alpha  its coefficient: grad/aux/* = alpha dL_aux, loss/total = <dy, y> + alpha L_aux
     """
+    if not arrays["input/valid_mask"].all():
+        raise ValueError("the case has padding tokens; these adapters pass no attention mask (sys_* cases have none)")
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     x = tensor(arrays["input/x"], dtype).requires_grad_(True)                                   # [N, D]
     dy = tensor(arrays["input/dy"], dtype)                                                      # [N, D]

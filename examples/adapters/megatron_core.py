@@ -156,6 +156,8 @@ def dump(entry, arrays, checks: dict | None = None) -> dict:
     checks  optional dict, filled with max|router run - functions run| of the probs and of y (they should be 0)
             and the relative difference of the tracker's logged losses from the functions' (float32 logging)
     """
+    if not arrays["input/valid_mask"].all():
+        raise ValueError("the case has padding tokens; this adapter passes no padding_mask (sys_* cases have none)")
     dtype = TORCH_DTYPES[entry["dtype"]]
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     c, coef = entry["config"], entry["coefficients"] or {}
