@@ -16,7 +16,6 @@ import dataclasses
 import importlib.util
 import os
 import sys
-import time
 import warnings
 
 import numpy as np

@@ -6,7 +6,6 @@
 in float32 whatever the model dtype (``hidden_states.type(torch.float32)``), logits included; its top-k has
 sorted=False, so the slots are put in descending score order (the golden layout) before the dump.
 """
-import torch
 from transformers import DeepseekV2Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 

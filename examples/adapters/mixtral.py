@@ -5,7 +5,6 @@ golden case. Copy it with ``_hf.py``. ``build(entry, arrays)`` -> the block with
 The router takes softmax(logits.float()) and ``load_balancing_loss_func`` sums in float32, so in float64 only
 the logits, the experts' outputs and the gradients that do not pass through the router are float64 numbers.
 """
-import torch
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
