@@ -126,7 +126,7 @@ def test_capacity_keeps_the_largest_gates():
     x = np.array([[3.0, 0], [5.0, 0], [1.0, 0], [4.0, 0], [2.0, 0]])
     for policy, kept in (("probs", [1, 3]), ("position", [0, 1])):
         cfg = MoEConfig(2, 2, 4, 1, renorm="never", capacity_factor=1.0, drop_policy=policy)
-        params = init_params(cfg, 0)
+        params = init_params(cfg, 0, backend="numpy")
         params["w_router"] = w
         _, cache = moe_forward(x, params, cfg)
         assert host(cache.topk_idx)[:, 0].tolist() == [0] * 5
@@ -151,7 +151,7 @@ def test_float32_in_float32_out(rng):
     cfg = MoEConfig(D, H, E, K, score_function="sigmoid", renorm="k_gt_1", gate_eps=1e-20, expert_bias=True,
                     n_group=4, topk_group=2, group_score="top2_sum", capacity_factor=1.0, n_shared=1,
                     shared_gate=True, routed_scaling_factor=2.5)
-    params = init_params(cfg, rng, dtype=np.float32)
+    params = init_params(cfg, rng, dtype=np.float32, backend="numpy")
     x = rng.standard_normal((N, D)).astype(np.float32)
     y, cache = moe_forward(x, params, cfg)
     grads = moe_backward(np.ones_like(y), cache, d_logits=np.ones_like(cache.logits))

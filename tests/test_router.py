@@ -370,7 +370,7 @@ def test_kept_counts_and_bias_update_through_the_layer(rng):
     from refmoe import MoEConfig, init_params, moe_forward
     from refmoe.router_capacity import kept_counts
     cfg = MoEConfig(4, 3, 8, 2, score_function="sigmoid", expert_bias=True, capacity_factor=0.75)
-    params = init_params(cfg, 0)
+    params = init_params(cfg, 0, backend="numpy")
     x = rng.standard_normal((32, 4))
     _, cache = moe_forward(x, params, cfg)
     counts = kept_counts(cache.topk_idx, cache.keep, 8)

@@ -61,7 +61,7 @@ def test_megatron_topk_softmax_equals_renormalised_softmax(rng):
     """Megatron's softmax over the K selected logits is the renormalised full softmax (to rounding)."""
     x = rng.standard_normal((10, D))
     a, b = small("megatron"), MoEConfig(D, H, E, K)
-    params = init_params(a, 0)
+    params = init_params(a, 0, backend="numpy")
     ya, ca = moe_forward(x, params, a)
     yb, cb = moe_forward(x, params, b)
     assert (ca.topk_idx == cb.topk_idx).all()
@@ -72,7 +72,7 @@ def test_deepseek_v3_gates_and_scores(rng):
     """Gates: the raw sigmoid of the selected experts, / (sum + 1e-20), x 2.5; selection on s + bias in the two
     best groups (sum of the top-2 of s + b); cache.scores: s / sum_j s over all experts."""
     cfg = small("deepseek_v3")
-    params = init_params(cfg, 1)
+    params = init_params(cfg, 1, backend="numpy")
     params["expert_bias"] = 0.5 * rng.standard_normal(E)
     x = rng.standard_normal((16, D))
     _, cache = moe_forward(x, params, cfg)
@@ -98,7 +98,7 @@ def test_deepseek_v3_sequence_loss_matches_the_paper(rng):
     """L = mean_b sum_j f_bj P_bj, f_bj = E/(K T) #{t: j in selection(b, t)} (bias included),
     P_bj = mean_t s'_btj with s' = s / sum_j s."""
     cfg = small("deepseek_v3")
-    params = init_params(cfg, 2)
+    params = init_params(cfg, 2, backend="numpy")
     params["expert_bias"] = 0.5 * rng.standard_normal(E)
     B, T = 3, 5
     x = rng.standard_normal((B * T, D))
@@ -144,7 +144,7 @@ def test_megatron_aux_counts_before_dropping(rng):
     """With capacity on, megatron_aux counts the full top-k (before dropping): the same value as without capacity."""
     x = rng.standard_normal((16, D))
     on_, off = small("megatron_capacity", capacity_factor=0.5), small("megatron")
-    params = init_params(on_, 3)
+    params = init_params(on_, 3, backend="numpy")
     _, c_on = moe_forward(x, params, on_)
     _, c_off = moe_forward(x, params, off)
     assert (~c_on.keep).any()
@@ -156,7 +156,7 @@ def test_megatron_aux_counts_before_dropping(rng):
 
 def test_megatron_sigmoid_aux_reads_normalised_scores(rng):
     cfg = small("megatron_sigmoid")
-    params = init_params(cfg, 4)
+    params = init_params(cfg, 4, backend="numpy")
     params["expert_bias"] = 0.5 * rng.standard_normal(E)             # moves the selection, not the aux map
     x = rng.standard_normal((12, D))
     _, cache = moe_forward(x, params, cfg)
@@ -171,7 +171,7 @@ def test_megatron_sigmoid_aux_reads_normalised_scores(rng):
 def test_preset_balancing_loss_through_the_layer(rng, name):
     """Each preset's balancing loss, differentiated through the whole layer (x and every parameter)."""
     cfg = small(name)
-    params = init_params(cfg, 5)
+    params = init_params(cfg, 5, backend="numpy")
     if cfg.expert_bias:
         params["expert_bias"] = 0.3 * rng.standard_normal(E)
     B, T = 2, 6
@@ -196,7 +196,7 @@ def test_preset_balancing_loss_through_the_layer(rng, name):
 @pytest.mark.parametrize("name", ["megatron_sigmoid", "deepseek_v3", "megatron_capacity"])
 def test_preset_float32_in_float32_out(rng, name):
     cfg = small(name)
-    params = init_params(cfg, 6, dtype=np.float32)
+    params = init_params(cfg, 6, dtype=np.float32, backend="numpy")
     x = rng.standard_normal((12, D)).astype(np.float32)
     y, cache = moe_forward(x, params, cfg)
     term, form = SYSTEMS[name].balancing
