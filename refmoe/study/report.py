@@ -61,6 +61,12 @@ def _row_numbers(r) -> str:
         what = "L_aux share" if r["id"] == "C10a" else "-L_v"
         return (f"Kendall tau {fmt(*r['diff'])}; {what} at the first logged step {fmt(*r['start'])}, "
                 f"at the last {fmt(*r['end'])}")
+    if r["id"] == "C14":
+        who = ", ".join(f"{c} {n}x" for c, n in r["lowest_other"].items())
+        return f"lowest other {fmt(*r['a'])} ({who}) -> aux+ortho+var {fmt(*r['b'])}"
+    if r["id"] == "C15":
+        per = "; ".join(f"x{f}: {fmt(m, s_)} ({n}/{r['n']} < 0)" for f, (m, s_, n) in r["by_factor"].items())
+        return f"least favourable factor per seed {fmt(*r['diff'])}; overlap change by factor: {per}"
     if "a" not in r:
         return f"{fmt(*r['diff'])}"
     rel = "" if math.isnan(r.get("rel_pct", math.nan)) else f" ({r['rel_pct']:+.0f}%)"
