@@ -156,6 +156,9 @@ SRC_SWEEP = ("paper: App. H.1, 'our method demonstrates strong robustness across
 TIE_RTOL = 1e-12                  # |metric(b) - metric(a)| below this times their size is round-off: a tie
 
 
+NO_REL = {"silhouette"}            # a signed score in [-1, 1] near 0: a relative change says nothing
+
+
 def _tie(va: float, vb: float) -> float:
     """vb - va, with a difference at round-off level (e.g. NMI 1.0 from two different tables) set to 0.0."""
     d = vb - va
@@ -198,7 +201,8 @@ def _raw_rows(per_seed: list, preset: str, combos) -> list:
         add(cid, claim, source, f"{key}: {a} -> {b}", d, direction, paper,
             a=list(mean_sd([r["finetune"][preset][a]["eval"]["narrow"][key] for r in per_seed])),
             b=list(mean_sd([r["finetune"][preset][b]["eval"]["narrow"][key] for r in per_seed])),
-            diff=list(mean_sd(d)), rel_pct=_rel(per_seed, preset, a, b, key), key=key)
+            diff=list(mean_sd(d)), rel_pct=math.nan if key in NO_REL else _rel(per_seed, preset, a, b, key),
+            key=key)
 
     nmi_claim = " (NMI of cluster and top-1 expert)"
     diff_row("C1a", "aux-only training makes expert outputs overlap more (Obs. I-III)", "none", "aux", "overlap", +1)
