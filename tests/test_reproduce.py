@@ -10,7 +10,7 @@ from refmoe.cli import main
 
 VERDICTS = {"supported", "contradicted", "inconclusive", "not measured"}
 CLAIMS = {"C1a", "C1a.nmi", "C1b", "C2", "C2.nmi", "C3", "C3'", "C4", "C5", "C6", "C6.nmi", "C7", "C8", "C9", "C10a",
-          "C10b"}
+          "C10b", "C11", "C11.aux", "C12", "C13", "C14", "C15"}
 # a study of a few seconds: 2 seeds x (pre-training + 1 preset x 2 combos) = 6 training runs
 TINY = ["--quick", "--pretrain-steps", "4", "--finetune-steps", "3", "--log-every", "2", "--presets", "paper",
         "--combos", "aux", "aux+ortho+var", "--sweep", "--eval-tokens", "64", "--no-figures"]

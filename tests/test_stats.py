@@ -233,3 +233,45 @@ def test_report_environment_lines():
     lines = environment_lines(e)
     assert lines[0].startswith(f"- Python {e['python']}, NumPy {e['numpy']}") and "BLAS" in lines[0]
     assert "unknown thread" in environment_lines({**e, "blas_threads": None, "thread_env": {}})[0]
+
+
+def _with_new_metrics(n_seeds, sweep_signs=(-1, -1)):
+    """_hand_made plus silhouette, task loss and MaxVio for the rows C11-C14, and two sweep runs (factors 0.1, 10)
+    whose overlap change from aux has the given signs (C15)."""
+    per_seed = _hand_made(n_seeds)
+    for s, r in enumerate(per_seed):
+        e = 0.001 * (s + 1)
+        ft = r["finetune"]["paper"]
+        for combo, sil, task, mv in (("none", 0.10, 0.10, 1.0), ("aux", 0.05 + e, 0.12 + e, 0.25 + e),
+                                     ("aux+ortho", 0.1, 0.2, 0.4), ("aux+var", 0.1, 0.2, 0.5),
+                                     ("aux+ortho+var", 0.2 + e, 0.15 + 2 * e, 0.3), ("ortho+var", 0.1, 0.2, None)):
+            ev = ft[combo]["eval"]["narrow"]
+            ev.update(silhouette=sil, task=task)
+            if mv is not None:
+                ev["maxvio_global"] = mv
+        aux = ft["aux"]["eval"]["narrow"]["overlap"]
+        ft["sweep"] = {f"sweep:{f:g}": {"factor": f, "eval": {"narrow": {**ft["aux"]["eval"]["narrow"],
+                                                                         "overlap": aux + sign * (0.1 + e)}}}
+                       for f, sign in zip((0.1, 10.0), sweep_signs)}
+    return per_seed
+
+
+def test_new_claim_rows_on_hand_made_results():
+    rows = {r["id"]: r for r in claim_rows(_with_new_metrics(11), "paper", COMBOS)}
+    assert rows["C11"]["verdict"] == "supported"            # silhouette 0.05 -> 0.2 in every seed
+    assert rows["C11.aux"]["verdict"] == "supported"        # none 0.10 -> aux 0.05: lower under L_aux
+    assert rows["C12"]["verdict"] == "supported"            # task loss 0.10 -> 0.12: L_aux costs task loss
+    assert rows["C13"]["verdict"] == "contradicted"         # task loss 0.12 -> 0.15: L_o + L_v cost task loss
+    c14 = rows["C14"]
+    assert c14["verdict"] == "contradicted"                 # aux 0.25 + e is below aux+ortho+var 0.3
+    assert c14["lowest_other"] == {"aux": 11} and c14["a"][0] == pytest.approx(0.256)
+    c15 = rows["C15"]
+    # factor 1 is C2's alternating +-0.01 (s + 1); factors 0.1 and 10 drop overlap by 0.1 + e: the worst factor
+    # per seed is the main run where it rises (even seeds), else the larger of the two drops
+    assert set(c15["by_factor"]) == {"0.1", "1", "10"} and c15["by_factor"]["10"][2] == 11
+    assert c15["verdict"] == "inconclusive" and c15["n_claimed"] == 5
+    flip = {r["id"]: r for r in claim_rows(_with_new_metrics(11, (-1, +1)), "paper", COMBOS)}["C15"]
+    assert flip["verdict"] == "contradicted" and flip["by_factor"]["10"][2] == 0    # x10 raises overlap: sign lost
+    assert {r["family_size"] for r in rows.values()} == {len(rows)}
+    no_sweep = {r["id"] for r in claim_rows(_hand_made(11), "paper", COMBOS)}
+    assert "C15" not in no_sweep and {"C11", "C11.aux", "C12", "C13", "C14"} <= no_sweep

@@ -61,6 +61,12 @@ def _row_numbers(r) -> str:
         what = "L_aux share" if r["id"] == "C10a" else "-L_v"
         return (f"Kendall tau {fmt(*r['diff'])}; {what} at the first logged step {fmt(*r['start'])}, "
                 f"at the last {fmt(*r['end'])}")
+    if r["id"] == "C14":
+        who = ", ".join(f"{c} {n}x" for c, n in r["lowest_other"].items())
+        return f"lowest other {fmt(*r['a'])} ({who}) -> aux+ortho+var {fmt(*r['b'])}"
+    if r["id"] == "C15":
+        per = "; ".join(f"x{f}: {fmt(m, s_)} ({n}/{r['n']} < 0)" for f, (m, s_, n) in r["by_factor"].items())
+        return f"least favourable factor per seed {fmt(*r['diff'])}; overlap change by factor: {per}"
     if "a" not in r:
         return f"{fmt(*r['diff'])}"
     rel = "" if math.isnan(r.get("rel_pct", math.nan)) else f" ({r['rel_pct']:+.0f}%)"
@@ -342,7 +348,10 @@ def render_markdown(result: StudyResult, figures: list) -> str:
         out += [f"## Held-out metrics, preset `{p}` (narrow domain)", "", _metrics_table(result, p), ""]
         out += [f"### Sensitivity to the L_o / L_v coefficients, preset `{p}` (aux+ortho+var, alpha fixed)", "",
                 "The same fine-tuning with beta and gamma multiplied by a factor; `maxvio_rmse_vs_aux` is the "
-                "C4 statistic against the aux-only run.", "", _sweep_table(result, p), ""]
+                "C4 statistic against the aux-only run. C15 reads it per seed: the overlap change from aux at the "
+                "least favourable factor. It can show whether the sign of the effect survives these factors; it "
+                "cannot separate beta from gamma (they move together), says nothing about alpha (fixed) or about "
+                "factors it did not run.", "", _sweep_table(result, p), ""]
         out += [f"### Gradient alignment, preset `{p}`, aux+ortho+var", "",
                 "Each term's gradient alone (already multiplied by its coefficient) on the router weights, the "
                 "routed experts' weights and the layer input x, at every logged step.", "",
