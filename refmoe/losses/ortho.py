@@ -78,6 +78,34 @@ class OrthoCache(NamedTuple):
 # pairwise (paper Eq. 6)
 # ----------------------------------------------------------------------------------------------
 
+def _plain_parts(A, eps):
+    """The formula as written: G, ||x_k||^2, the denominators, w_k and the off-diagonal mask."""
+    xp = array_namespace(A)
+    K = A.shape[1]
+    G = xp.einsum("njd,nkd->njk", A, A)                          # [N, K, K]  Gram matrix per token
+    nrm = xp.diagonal(G, axis1=1, axis2=2)                       # [N, K]     ||x_k||^2
+    den = nrm + eps
+    den = den + (den <= 0).astype(A.dtype)                       # 1 for a zero output with eps = 0 (w = 0 there)
+    w = nrm / (den * den)                                        # [N, K]     ||x_k||^2 / (||x_k||^2 + eps)^2
+    off = 1.0 - xp.eye(K, dtype=A.dtype)                         # [K, K]     j != k
+    return G, nrm, den, w, off
+
+
+# Outputs whose largest entry lies in PLAIN_RANGE in every slot keep every Gram entry, weight and weight
+# derivative (the backward divides by (||x||^2 + eps)^3, a 6th power of the scale, and squares Gram entries of
+# size D max|x|^2) inside the normal range of the dtype with room to spare: the formula as written then keeps
+# its precision. Outside it (a zero, tiny or huge slot) the power-of-two rescaled form below runs; where both
+# are finite they agree bit for bit.
+PLAIN_RANGE = {"float32": (2.0 ** -15, 2.0 ** 15), "float64": (2.0 ** -100, 2.0 ** 100)}
+
+
+def _in_plain_range(A) -> bool:
+    xp = array_namespace(A)
+    lo, hi = PLAIN_RANGE[A.dtype.name]
+    amax = xp.abs(A).max(axis=2)                                 # [N, K]
+    return bool(((amax >= lo) & (amax <= hi)).all())             # one small host read
+
+
 class _PairwiseParts(NamedTuple):
     """Per-slot normalised quantities: x_k = 2^{e_k} b_k with max_d |b_kd| in [1/2, 1)."""
     e: object           # [N, K]     int exponents of the slot scales
@@ -119,9 +147,13 @@ def pairwise_per_token(A, eps: float):
 
     .. math:: G_{jk}^2 w_k = 2^{2e_j}\, GB_{jk}^2\, wB_k
 
-    Numerics: each term is formed from the normalised slots and scaled back once, so it overflows only when
-    its own value does (outputs of 1e10 in float32 are fine; the value of 3e9 everywhere is 5.4e19).
+    Numerics: when some slot lies outside ``PLAIN_RANGE`` each term is formed from the normalised slots and
+    scaled back once, so it overflows only when its own value does (outputs of 1e10 in float32 are fine; the
+    value of 3e9 everywhere is 5.4e19).
     """
+    if _in_plain_range(A):
+        G, _, _, w, off = _plain_parts(A, eps)
+        return (G * G * w[:, None, :] * off).sum(axis=(1, 2))
     p = _pairwise_parts(A, eps)
     xp = array_namespace(A)
     terms = p.GB * p.GB * p.wB[:, None, :] * p.off               # [N, K(j), K(k)]
@@ -140,8 +172,17 @@ def pairwise_backward(g, A, eps: float):
 
     Numerics: every coefficient is scaled back with ``ldexp`` before it multiplies a normalised b, so a
     tiny output (1e-8 in float32, 1e-60 in float64, eps = 0) gives a finite gradient of its true size; an
-    inf or NaN is left only where the gradient itself overflows (``ortho_loss_backward`` then raises).
+    inf or NaN is left only where the gradient itself overflows (``ortho_loss_backward`` then raises). Inside
+    ``PLAIN_RANGE`` the formula runs as written (the same numbers, a third of the work).
     """
+    if _in_plain_range(A):
+        xp = array_namespace(A, g)
+        G, nrm, den, w, off = _plain_parts(A, eps)
+        M = G * w[:, None, :] * off                              # [N, K, K]
+        q = (G * G * off).sum(axis=1)                            # [N, K]  sum over targets j of G_jk^2
+        dw = (eps - nrm) / (den * den * den)                     # [N, K]  d w_k / d ||x_k||^2
+        dA = 2.0 * xp.einsum("njk,nkd->njd", M + xp.swapaxes(M, 1, 2), A) + 2.0 * (q * dw)[:, :, None] * A
+        return g[:, None, None] * dA
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):   # see the Numerics line
         return _pairwise_backward_scaled(g, A, eps)
 
