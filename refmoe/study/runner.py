@@ -29,8 +29,8 @@ from .train import COMBOS, SWEEP_COMBO, LogRecord, RunId, pretrain_objective, tr
 # ----------------------------------------------------------------------------------------------
 
 class StudyConfig(NamedTuple):
-    """Every knob of the study (the flags of ``refmoe reproduce``). The defaults finish in about 3 minutes
-    with NumPy on 2 CPU cores. ``alpha`` replaces the presets' L_aux coefficient (1e-3) in phase 2, because at
+    """Every knob of the study (the flags of ``refmoe reproduce``). The defaults (11 seeds) take about 9 minutes
+    with NumPy on 2 CPU cores (555 s measured, benchmarks/reproduce_numpy_cpu/). ``alpha`` replaces the presets' L_aux coefficient (1e-3) in phase 2, because at
     1e-3 the balancing loss hardly moves the routing of this small block; ``beta``/``gamma`` None keep the
     presets' values (``authors_code`` calibrates them on the first narrow batch of each seed)."""
     d_model: int = 32
