@@ -195,11 +195,18 @@ def evaluate(spec: CaseSpec, x, params: dict, dy, valid) -> dict:
                                  ortho_eps=spec.ortho_eps)
     coef = {"aux": spec.alpha, "ortho": spec.beta, "var": spec.gamma}
     grads = compose_backward(dy, cache, {t: c for t, (_, c) in terms.items()}, coef)
+    return case_arrays(x, params, dy, valid, y, cache, {t: v for t, (v, _) in terms.items()}, coef, grads)
+
+
+def case_arrays(x, params: dict, dy, valid, y, cache, values: dict, coef: dict, grads: dict, *,
+                no_grad: tuple = ()) -> dict:
+    """The keys of a layer case (``refmoe.golden.format``) from its inputs, the layer's output and cache, the
+    terms' values and coefficients and ``compose_backward``'s gradients; total = <dy, y> + sum_t c_t L_t.
+    ``no_grad``: parameters with no gradient key (a selection-only expert bias)."""
     task = (dy * y).sum()
     total = task
-    for t, (value, _) in terms.items():                                 # total = task + alpha aux + ...
+    for t, value in values.items():                                     # total = task + alpha aux + ...
         total = total + float(coef[t]) * value
-
     out = {"input/x": x, "input/dy": dy, "input/valid_mask": valid}
     out.update({f"param/{k}": v for k, v in params.items()})
     for name in ("logits", "scores", "topk_idx", "gates", "expert_out", "shared_out"):
@@ -208,9 +215,9 @@ def evaluate(spec: CaseSpec, x, params: dict, dy, valid) -> dict:
             out[f"inter/{name}"] = value
     out["inter/y"] = y
     out["loss/task"] = task
-    for term, (value, _) in terms.items():
+    for term, value in values.items():
         out[f"loss/{term}"] = value
     out["loss/total"] = total
     for term, g in grads.items():
-        out.update({f"grad/{term}/{k}": v for k, v in g.items()})
+        out.update({f"grad/{term}/{k}": v for k, v in g.items() if k not in no_grad})
     return out

@@ -30,7 +30,7 @@ from ..objective import compose_backward
 from ..router_capacity import expert_capacity
 from ..router_select import group_scores
 from ..systems import SYSTEMS
-from .format import TOLERANCES
+from .cases import case_arrays
 
 MIN_MARGIN = 1e-3
 BIAS_SCALE = 0.1            # expert_bias ~ BIAS_SCALE * N(0, 1): sigmoid scores are spread over ~(0.2, 0.8)
@@ -191,22 +191,5 @@ def evaluate_system(spec, x, params: dict, dy, valid) -> dict:
               for t, (family, form, _, _) in terms.items()}
     coef = {t: c for t, (_, _, c, _) in terms.items()}
     grads = compose_backward(dy, cache, {t: tc for t, (_, tc) in caches.items()}, coef)
-    task = (dy * y).sum()
-    total = task
-    for t, (value, _) in caches.items():                                  # total = task + alpha aux (+ zeta z)
-        total = total + float(coef[t]) * value
-
-    out = {"input/x": x, "input/dy": dy, "input/valid_mask": valid}
-    out.update({f"param/{k}": v for k, v in params.items()})
-    for name in ("logits", "scores", "topk_idx", "gates", "expert_out", "shared_out"):
-        value = getattr(cache, name)
-        if value is not None:
-            out[f"inter/{name}"] = value
-    out["inter/y"] = y
-    out["loss/task"] = task
-    for t, (value, _) in caches.items():
-        out[f"loss/{t}"] = value
-    out["loss/total"] = total
-    for t, g in grads.items():
-        out.update({f"grad/{t}/{k}": v for k, v in g.items() if k != "expert_bias"})   # selection only
-    return out
+    return case_arrays(x, params, dy, valid, y, cache, {t: v for t, (v, _) in caches.items()}, coef, grads,
+                       no_grad=("expert_bias",))                         # selection only: no gradient key
