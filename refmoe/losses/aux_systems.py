@@ -30,25 +30,19 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import ops
-from ..backend import array_namespace
-from ..checks import (all_finite, check_dloss, check_mask, check_scores, check_topk, mask_weights, not_finite_error,
-                      resolve_batch_shape)
-from .aux import AuxInputs, _w_deepseek_batch, _w_megatron_seq, routing_map
+from ..checks import all_finite, check_scores, check_topk, not_finite_error
+from .aux import AuxCache, aux_loss_backward, aux_loss_forward
 
 
-class SystemAuxForm(NamedTuple):
-    weights: object             # AuxInputs -> W [N, E] (a builder of refmoe.losses.aux)
-    needs_batch_shape: bool
-
-
-SYSTEM_AUX_FORMS: dict[str, SystemAuxForm] = {
-    "megatron_aux": SystemAuxForm(_w_deepseek_batch, False),
-    "megatron_seq_aux": SystemAuxForm(_w_megatron_seq, True),
+# each system form is a form of refmoe.losses.aux applied with the counts of a plain top-k of the scores
+SYSTEM_AUX_FORMS: dict[str, str] = {
+    "megatron_aux": "deepseek_batch",
+    "megatron_seq_aux": "megatron_seq",
 }
 
 
 class SystemAuxCache(NamedTuple):
-    weights: object         # [N, E] W, constant (zero gradient)
+    aux: AuxCache           # the cache of aux_loss_forward on the plain top-k (weights W: zero gradient)
     plain_idx: object       # [N, K] the plain top-k of P that gave the counts
     form: str
 
@@ -64,29 +58,19 @@ def system_aux_forward(scores, topk_idx, form: str, *, valid_mask=None, batch_sh
     """
     if form not in SYSTEM_AUX_FORMS:
         raise ValueError(f"form={form!r}; expected one of {sorted(SYSTEM_AUX_FORMS)}")
-    spec = SYSTEM_AUX_FORMS[form]
     xp = check_scores(scores)
     N, E = scores.shape
     check_topk(topk_idx, N, E, xp)
-    K = topk_idx.shape[1]
-    mask = check_mask(valid_mask, N, xp)
-    if spec.needs_batch_shape:
-        if batch_shape is None:
-            raise ValueError(f"form={form!r} needs batch_shape=(B, T)")
-        batch_shape = resolve_batch_shape(batch_shape, N)
-    valid = mask_weights(mask, N, scores.dtype, xp)                                 # [N]
-    plain_idx = ops.topk_indices(scores, K)                                         # [N, K] no bias/groups/drops
-    routed = routing_map(plain_idx, E, scores.dtype, xp)                            # [N, E]
-    w = spec.weights(AuxInputs(routed, valid, E, K, batch_shape, xp))               # [N, E]
-    loss = (w * scores).sum()
+    if form == "megatron_seq_aux" and batch_shape is None:
+        raise ValueError(f"form={form!r} needs batch_shape=(B, T)")
+    plain_idx = ops.topk_indices(scores, topk_idx.shape[1])                        # [N, K] no bias/groups/drops
+    loss, aux = aux_loss_forward(scores, plain_idx, SYSTEM_AUX_FORMS[form], valid_mask=valid_mask,
+                                 batch_shape=batch_shape)
     if not all_finite(xp, loss):
         raise not_finite_error(f"balancing loss {form} = {float(loss)}", {"scores": scores}, scores.dtype)
-    return loss, SystemAuxCache(w, plain_idx, form)
+    return loss, SystemAuxCache(aux, plain_idx, form)
 
 
 def system_aux_backward(dloss, cache: SystemAuxCache):
     """d_scores [N, E] = dloss W. The counts (and the plain top-k) have zero gradient."""
-    d_scores = cache.weights * check_dloss(dloss, cache.weights)                     # [N, E]
-    if not all_finite(array_namespace(d_scores), d_scores):
-        raise not_finite_error(f"d_scores of {cache.form}", {"dloss": dloss}, d_scores.dtype)
-    return d_scores
+    return aux_loss_backward(dloss, cache.aux)
