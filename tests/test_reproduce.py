@@ -13,12 +13,12 @@ CLAIMS = {"C1a", "C1a.nmi", "C1b", "C2", "C2.nmi", "C3", "C3'", "C4", "C5", "C6"
           "C10b", "C11", "C11.aux", "C12", "C13", "C14", "C15"}
 # a study of a few seconds: 2 seeds x (pre-training + 1 preset x 2 combos) = 6 training runs
 TINY = ["--quick", "--pretrain-steps", "4", "--finetune-steps", "3", "--log-every", "2", "--presets", "paper",
-        "--combos", "aux", "aux+ortho+var", "--sweep", "--eval-tokens", "64", "--no-figures"]
+        "--combos", "aux", "aux+ortho+var", "--sweep", "--eval-tokens", "64", "--no-figures", "--workers", "1"]
 
 
 def test_quick_run_writes_a_complete_report(tmp_path, capsys):
     out = tmp_path / "rep"
-    assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out)]) == 0
+    assert main(["reproduce", "--quick", "--seeds", "2", "--workers", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     files = set(os.listdir(out))
     assert {"report.md", "results.json", "fig2_maxvio.png", "fig3_specialization.png", "ablation.png",
@@ -88,6 +88,7 @@ def test_progress_rewrites_one_line_on_a_terminal():
     (["--beta", "-1"], "--beta -1.0: must be a finite number >= 0"),
     (["--sweep", "0"], "--sweep 0.0: every factor must be a finite number > 0"),
     (["--narrow", "9"], "--narrow 9 exceeds --clusters 6"),
+    (["--workers", "0"], "--workers 0: must be an integer >= 1"),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
     out = tmp_path / "rep"

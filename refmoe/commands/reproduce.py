@@ -40,6 +40,9 @@ def add_arguments(parser):
     parser.add_argument("--out", default="reproduce_report", help="report folder (default: %(default)s)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     parser.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes that train in parallel, one BLAS thread each (default: the CPU count, at "
+                             "most 2, with numpy; 1 with cupy)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (about 20 s)")
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"number of seeds 0..S-1, at least 2 (default {len(d.seeds)})")
@@ -199,8 +202,12 @@ def run(args) -> int:
     from ..study.report import write_report
     from ..study.runner import Progress, count_runs, count_steps, fine_tuning_runs, run_study
 
+    from ..study.parallel import check_workers, default_workers
+
     study = study_from_args(args)
-    problem = check_study(study) or check_backend(study.backend) or check_out(args.out)
+    workers = default_workers(study.backend) if args.workers is None else args.workers
+    problem = (check_study(study) or check_workers(workers, study.backend) or check_backend(study.backend)
+               or check_out(args.out))
     if problem:
         return _error(problem)
     try:
@@ -217,10 +224,11 @@ def run(args) -> int:
             sweep = f" + {_n(n_sweep, 'sweep run')}" if n_sweep else ""
             print(f"refmoe reproduce: {_n(len(study.seeds), 'seed')} x (pre-training + "
                   f"{_n(len(study.presets), 'preset')} x ({_n(len(study.combos), 'combo')}{sweep})) = "
-                  f"{_n(count_runs(study), 'training run')} on {study.backend}", flush=True)
+                  f"{_n(count_runs(study), 'training run')} on {study.backend}"
+                  f"{f', {workers} worker processes' if workers > 1 else ''}", flush=True)
             progress = Progress(count_runs(study), count_steps(study))
         status = progress.note if (progress is not None and args.verbose) else (lambda line: None)
-        result = run_study(study, status=status, progress=progress)
+        result = run_study(study, status=status, progress=progress, workers=workers)
         paths = write_report(result, staging, figures=not args.no_figures)
         _move_into_place(staging, args.out)
     except BaseException:

@@ -7,17 +7,16 @@ JSON floats are rounded to 6 significant digits; NaN is written as NaN (Python's
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
-import platform
 
 import numpy as np
 
 from ..backend import device_description
 from . import stats as ST
 from .alignment import GROUPS
+from .environment import environment, environment_lines  # noqa: F401  (re-exported)
 from .runner import StudyResult
 from .summary import EVAL_KEYS, MAXVIO_RMSE_BOUND, fmt
 
@@ -155,58 +154,6 @@ def verdict_rule_lines(rows_by_preset: dict) -> list:
 # report.md
 # ----------------------------------------------------------------------------------------------
 
-def _blas_threads():
-    """The BLAS thread count: threadpoolctl where installed, else OpenBLAS's own getter in the loaded library,
-    else None."""
-    try:
-        from threadpoolctl import threadpool_info
-
-        info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-        if info:
-            return int(info[0]["num_threads"])
-    except Exception:                          # not installed, or it fails on this platform
-        pass
-    try:
-        with open("/proc/self/maps") as fh:
-            libs = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower() and ln.split()[-1][:1] == "/"})
-        for path in libs:
-            lib = ctypes.CDLL(path)
-            for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                         "openblas_get_num_threads"):
-                fn = getattr(lib, name, None)
-                if fn is not None:
-                    return int(fn())
-    except Exception:
-        pass
-    return None
-
-
-def environment() -> dict:
-    """Python, NumPy, SciPy, the BLAS NumPy was built with and its thread count (None where unknown), platform."""
-    import scipy
-
-    blas = "unknown"
-    try:
-        b = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        blas = f"{b.get('name', '?')} {b.get('version', '')}".strip()
-    except Exception:                          # older NumPy: no mode="dicts"
-        pass
-    env = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
-    return {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
-            "blas": blas, "blas_threads": _blas_threads(), "thread_env": env, "platform": platform.platform(),
-            "machine": platform.machine(), "cpus": os.cpu_count()}
-
-
-def environment_lines(env: dict | None = None) -> list:
-    """``environment()`` as two markdown list lines."""
-    e = environment() if env is None else env
-    t = "unknown" if e["blas_threads"] is None else str(e["blas_threads"])
-    if e["thread_env"]:
-        t += " (" + ", ".join(f"{k}={v}" for k, v in e["thread_env"].items()) + ")"
-    return [f"- Python {e['python']}, NumPy {e['numpy']}, SciPy {e['scipy']}; BLAS {e['blas']}, {t} thread(s)",
-            f"- Platform {e['platform']}, {e['machine']}, {e['cpus']} logical CPU(s)"]
-
-
 def _is_quick(study) -> bool:
     try:
         from ..commands.reproduce import QUICK
@@ -305,7 +252,7 @@ def render_markdown(result: StudyResult, figures: list) -> str:
     s = result.study
     out = ["# refmoe reproduce: expert specialisation on synthetic clustered data", ""] + _banner(result)
     out += [f"Run on {device_description(s.backend)} with backend `{s.backend}`, {s.dtype}; training and "
-            f"evaluation took {result.seconds:.1f} s.", ""] + environment_lines() + [""]
+            f"evaluation took {result.seconds:.1f} s.", ""] + environment_lines(result.environment) + [""]
     out += ["## Setup", "",
             f"- Data: {s.n_clusters} latent clusters in R^{s.d_model} (centres of length 3, Gaussian noise sd "
             f"{s.noise}), each with its own teacher t = x + shared(x) + teacher_m(x); the narrow fine-tuning domain "
@@ -370,7 +317,7 @@ def write_report(result: StudyResult, out_dir: str, *, figures: bool = True) -> 
         has_sweep = any(r["factor"] != 1.0 for sw in result.sweep.values() for r in sw["rows"])
         names = save_all(result.summary, out_dir, sweep=result.sweep if has_sweep else None)
     payload = {"config": result.study._asdict(), "seconds": result.seconds, "eval_keys": list(EVAL_KEYS),
-               "environment": environment(), "verdict_rule": verdict_rule_lines(result.claims),
+               "environment": result.environment, "verdict_rule": verdict_rule_lines(result.claims),
                "summary": result.summary, "claims": result.claims, "sweep": result.sweep,
                "per_seed": result.per_seed}
     write_json(os.path.join(out_dir, "results.json"), payload)

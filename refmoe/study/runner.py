@@ -1,7 +1,7 @@
 """The specialisation study: one seed = one pre-training on the broad mixture, then every (preset, loss
 combination) fine-tuning on the narrow domain from that checkpoint; over all seeds, the summary and the verdicts.
 
-    result = run_study(study, progress=Progress(count_runs(study), count_steps(study)))  # "run i/N ... ETA"
+    result = run_study(study, progress=Progress(count_runs(study), count_steps(study)), workers=2)
     write_report(result, "reproduce_report")     # refmoe.study.report: figures, results.json, report.md
 
 No array is shaped here (parameters and batches are those of ``refmoe.study.train``); the results are nested
@@ -9,9 +9,9 @@ dicts of host values (Python floats and lists) on either backend.
 """
 from __future__ import annotations
 
-import sys
+import functools
 import time
-from typing import Callable, NamedTuple, TextIO
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -19,18 +19,21 @@ from ..config import MoEConfig
 from ..layer import init_params
 from ..objective import PRESETS
 from . import data as D_
+from .environment import environment
 from .evaluate import evaluate
 from .optim import AdamConfig
+from .progress import Progress
 from .summary import claim_rows, summarize, sweep_summary
-from .train import COMBOS, SWEEP_COMBO, LogRecord, RunId, pretrain_objective, train_phase
+from .train import COMBOS, SWEEP_COMBO, LogRecord, RunId, draw_batches, pretrain_objective, train_phase
 
 # ----------------------------------------------------------------------------------------------
 # one seed: pre-training, then every fine-tuning run from that checkpoint
 # ----------------------------------------------------------------------------------------------
 
 class StudyConfig(NamedTuple):
-    """Every knob of the study (the flags of ``refmoe reproduce``). The defaults (11 seeds) take about 9 minutes
-    with NumPy on 2 CPU cores (555 s measured, benchmarks/reproduce_numpy_cpu/). ``alpha`` replaces the presets' L_aux coefficient (1e-3) in phase 2, because at
+    """Every knob of the study (the flags of ``refmoe reproduce``). The defaults (11 seeds, 209 training runs)
+    take under 5 minutes with NumPy on 2 CPU cores and two worker processes (benchmarks/reproduce_numpy_cpu/
+    records the run). ``alpha`` replaces the presets' L_aux coefficient (1e-3) in phase 2, because at
     1e-3 the balancing loss hardly moves the routing of this small block; ``beta``/``gamma`` None keep the
     presets' values (``authors_code`` calibrates them on the first narrow batch of each seed)."""
     d_model: int = 32
@@ -99,132 +102,115 @@ def count_steps(study: StudyConfig) -> int:
                                + len(study.presets) * len(fine_tuning_runs(study)) * study.finetune_steps)
 
 
-def run_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = print,
-             on_run: Callable[[str, int], None] | None = None) -> dict:
-    """Pre-train once, then fine-tune under every (preset, run). Returns a nested dict of host values:
-    ``finetune[preset][combo]`` per loss combination, ``finetune[preset]["sweep"][run.label]`` per sweep run.
-    ``status`` gets one line per logging step; ``on_run(name, steps)`` is called before each training run."""
-    on_run = on_run or (lambda name, steps: None)
-    cfg = study.moe_config()
+class SeedStart(NamedTuple):
+    """What every fine-tuning run of a seed starts from (host values and arrays; picklable)."""
+    seed: int
+    params: dict            # the pre-trained parameters
+    objectives: dict        # preset -> the phase-2 Objective (calibrated where the preset is)
+    record: dict            # the seed's "pretrain" entry and, per preset, its "objective" entry
+
+
+@functools.lru_cache(maxsize=2)
+def seed_data(study: StudyConfig, seed: int) -> tuple:
+    """The seed's task and held-out sets, and the fine-tuning batches every run of the seed shares
+    (drawn once per process; the same arrays as drawing them in each run)."""
     dtype = np.dtype(study.dtype)
-    rng = np.random.default_rng(seed)
-    task = D_.make_task(rng, d_model=study.d_model, n_clusters=study.n_clusters, n_narrow=study.n_narrow,
-                        noise=study.noise)
-    params0 = init_params(cfg, rng, dtype, backend=study.backend)
+    task = D_.make_task(np.random.default_rng(seed), d_model=study.d_model, n_clusters=study.n_clusters,
+                        n_narrow=study.n_narrow, noise=study.noise)
     held = {dom: D_.sample(task, np.random.default_rng([seed, 7, i]), study.eval_tokens, domain=dom,
                            backend=study.backend, dtype=dtype) for i, dom in enumerate(("narrow", "broad"))}
-    adam = AdamConfig(lr=study.lr)
+    batches = draw_batches(task, np.random.default_rng([seed, 13]), steps=study.finetune_steps,
+                           batch_size=study.batch_size, domain="narrow", backend=study.backend, dtype=dtype)
+    return task, held, batches
 
-    def logger(tag):
-        def on_log(rec: LogRecord):
-            status(f"seed {seed} {tag:<26} step {rec.step:>4}  L_h {rec.losses['task']:.4f}  "
-                   f"aux {rec.losses['aux']:.3f}  L_o {rec.losses['ortho']:.3g}  L_v {rec.losses['var']:.3g}")
-        return on_log
 
-    on_run(f"seed {seed} pretrain", study.pretrain_steps)
+def _logger(status, seed, tag):
+    def on_log(rec: LogRecord):
+        status(f"seed {seed} {tag:<26} step {rec.step:>4}  L_h {rec.losses['task']:.4f}  "
+               f"aux {rec.losses['aux']:.3f}  L_o {rec.losses['ortho']:.3g}  L_v {rec.losses['var']:.3g}")
+    return on_log
+
+
+def pretrain_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = print,
+                  on_run: Callable[[str, int], None] | None = None) -> SeedStart:
+    """Phase 1 of a seed, its evaluation, and each preset's phase-2 objective (``preset_objective``)."""
+    cfg, dtype = study.moe_config(), np.dtype(study.dtype)
+    rng = np.random.default_rng(seed)
+    task = D_.make_task(rng, d_model=study.d_model, n_clusters=study.n_clusters, n_narrow=study.n_narrow,
+                        noise=study.noise)                                  # = seed_data's task, same draws
+    params0 = init_params(cfg, rng, dtype, backend=study.backend)
+    _, held, _ = seed_data(study, seed)
+    if on_run is not None:
+        on_run(f"seed {seed} pretrain", study.pretrain_steps)
     pre = train_phase(params0, cfg, pretrain_objective(study.pretrain_alpha), task, rng,
-                      steps=study.pretrain_steps, batch_size=study.batch_size, domain="broad", adam=adam,
-                      log_every=study.log_every, backend=study.backend, dtype=dtype, on_log=logger("pretrain"))
-    out = {"pretrain": {"task": [r.task for r in pre.steps], "maxvio": [r.maxvio for r in pre.steps],
-                        "eval": evaluate(pre.params, cfg, held, study.overlap_points, seed)},
-           "finetune": {}}
+                      steps=study.pretrain_steps, batch_size=study.batch_size, domain="broad",
+                      adam=AdamConfig(lr=study.lr), log_every=study.log_every, backend=study.backend, dtype=dtype,
+                      on_log=_logger(status, seed, "pretrain"))
+    record = {"pretrain": {"task": [r.task for r in pre.steps], "maxvio": [r.maxvio for r in pre.steps],
+                           "eval": evaluate(pre.params, cfg, held, study.overlap_points, seed)},
+              "finetune": {}}
     calib_batch = D_.sample(task, np.random.default_rng([seed, 11]), study.batch_size, domain="narrow",
                             backend=study.backend, dtype=dtype)
+    objectives = {}
     for preset in study.presets:
         base, calib = preset_objective(preset, calib_batch.x, pre.params, cfg, alpha=study.alpha,
                                        beta=study.beta, gamma=study.gamma)
-        out["finetune"][preset] = {"objective": {"alpha": base.alpha, "beta": base.beta, "gamma": base.gamma,
-                                                 "calibrated": calib}}
-        out["finetune"][preset]["sweep"] = {}
-        for run in fine_tuning_runs(study):
-            on_run(f"seed {seed} {preset}:{run.label}", study.finetune_steps)
-            ft_rng = np.random.default_rng([seed, 13])               # same batches for every run
-            ft = train_phase(dict(pre.params), cfg, run.objective(base), task, ft_rng, steps=study.finetune_steps,
-                             batch_size=study.batch_size, domain="narrow", adam=adam,
-                             log_every=study.log_every, backend=study.backend, dtype=dtype,
-                             on_log=logger(f"{preset}:{run.label}"))
-            rec = {
-                "task": [r.task for r in ft.steps], "maxvio": [r.maxvio for r in ft.steps],
-                "logs": [{"step": r.step, "losses": r.losses, "discrim": r.discrim,
-                          "cosines": {g: m.tolist() for g, m in r.cosines.items()}, "norms": r.norms}
-                         for r in ft.logs],
-                "eval": evaluate(ft.params, cfg, held, study.overlap_points, seed),
-            }
-            if run.is_sweep:
-                rec["factor"] = run.factor
-                out["finetune"][preset]["sweep"][run.label] = rec
-            else:
-                out["finetune"][preset][run.combo] = rec
+        objectives[preset] = base
+        record["finetune"][preset] = {"objective": {"alpha": base.alpha, "beta": base.beta, "gamma": base.gamma,
+                                                    "calibrated": calib}}
+    return SeedStart(seed, pre.params, objectives, record)
+
+
+def finetune_run(study: StudyConfig, start: SeedStart, preset: str, run: RunId, *,
+                 status: Callable[[str], None] = print, on_run: Callable[[str, int], None] | None = None) -> dict:
+    """One phase-2 run from the seed's checkpoint, on the seed's shared batches, and its evaluation."""
+    cfg, seed = study.moe_config(), start.seed
+    task, held, batches = seed_data(study, seed)
+    if on_run is not None:
+        on_run(f"seed {seed} {preset}:{run.label}", study.finetune_steps)
+    ft = train_phase(dict(start.params), cfg, run.objective(start.objectives[preset]), task, None,
+                     steps=study.finetune_steps, batch_size=study.batch_size, domain="narrow",
+                     adam=AdamConfig(lr=study.lr), log_every=study.log_every, backend=study.backend,
+                     dtype=np.dtype(study.dtype), on_log=_logger(status, seed, f"{preset}:{run.label}"),
+                     batches=batches)
+    rec = {
+        "task": [r.task for r in ft.steps], "maxvio": [r.maxvio for r in ft.steps],
+        "logs": [{"step": r.step, "losses": r.losses, "discrim": r.discrim,
+                  "cosines": {g: m.tolist() for g, m in r.cosines.items()}, "norms": r.norms}
+                 for r in ft.logs],
+        "eval": evaluate(ft.params, cfg, held, study.overlap_points, seed),
+    }
+    if run.is_sweep:
+        rec["factor"] = run.factor
+    return rec
+
+
+def seed_units(study: StudyConfig) -> list:
+    """The (preset, RunId) pairs fine-tuned from each seed's checkpoint, in report order."""
+    return [(preset, run) for preset in study.presets for run in fine_tuning_runs(study)]
+
+
+def collect_seed(study: StudyConfig, start: SeedStart, runs: dict) -> dict:
+    """The seed's nested dict: ``finetune[preset][combo]`` per loss combination and
+    ``finetune[preset]["sweep"][run.label]`` per sweep run; ``runs`` maps (preset, RunId) to its record."""
+    out = {"pretrain": start.record["pretrain"],
+           "finetune": {p: {**start.record["finetune"][p], "sweep": {}} for p in study.presets}}
+    for preset, run in seed_units(study):
+        if run.is_sweep:
+            out["finetune"][preset]["sweep"][run.label] = runs[preset, run]
+        else:
+            out["finetune"][preset][run.combo] = runs[preset, run]
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# progress: run i/N <name> ... ETA mm:ss
-# ----------------------------------------------------------------------------------------------
-
-def _mmss(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds >= 6000:                                   # 100 minutes and more: hours and minutes
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
-    return f"{seconds // 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """``run i/N <name> ... ETA mm:ss`` before each training run: on a terminal one line rewritten in place,
-    otherwise (piped, a log file) one plain line per run. The ETA is the elapsed time per optimizer step so far
-    times the steps left (pre-training and fine-tuning runs differ in length); ``--:--`` before the first run ends.
-
-        progress = Progress(count_runs(study), count_steps(study))
-        run_study(study, status=progress.note, progress=progress)
-    """
-
-    def __init__(self, total_runs: int, total_steps: int, *, stream: TextIO | None = None, tty: bool | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.total_runs, self.total_steps = total_runs, max(1, total_steps)
-        self.stream = stream if stream is not None else sys.stdout
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
-        self.clock = clock
-        self.i, self.done_steps, self.current_steps = 0, 0, 0
-        self.t0 = None
-        self.line = ""
-
-    def eta(self) -> str:
-        if self.done_steps == 0 or self.t0 is None:
-            return "--:--"
-        rate = (self.clock() - self.t0) / self.done_steps
-        return _mmss(rate * (self.total_steps - self.done_steps))
-
-    def start(self, name: str, steps: int):
-        """A training run of ``steps`` steps begins (the previous one, if any, has finished)."""
-        if self.t0 is None:
-            self.t0 = self.clock()
-        self.done_steps += self.current_steps
-        self.current_steps = steps
-        self.i += 1
-        self.line = f"run {self.i}/{self.total_runs} {name} ... ETA {self.eta()}"
-        self._show()
-
-    def note(self, text: str):
-        """A line of detail (a logging step's losses) printed above the progress line."""
-        if self.tty:
-            self.stream.write("\r\x1b[K" + text + "\n")
-            self._show()
-        else:
-            print(text, file=self.stream, flush=True)
-
-    def _show(self):
-        if self.tty:
-            self.stream.write("\r\x1b[K" + self.line)
-            self.stream.flush()
-        else:
-            print(self.line, file=self.stream, flush=True)
-
-    def close(self):
-        """Ends the updating line on a terminal (the last run has finished or the study was interrupted)."""
-        if self.tty and self.line:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.line = ""
+def run_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = print,
+             on_run: Callable[[str, int], None] | None = None) -> dict:
+    """Pre-train once, then fine-tune under every (preset, run), in this process. Returns a nested dict of
+    host values (``collect_seed``). ``status`` gets one line per logging step; ``on_run(name, steps)`` is
+    called before each training run."""
+    start = pretrain_seed(study, seed, status=status, on_run=on_run)
+    runs = {unit: finetune_run(study, start, *unit, status=status, on_run=on_run) for unit in seed_units(study)}
+    return collect_seed(study, start, runs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,22 +224,31 @@ class StudyResult(NamedTuple):
     claims: dict             # preset -> list of claim rows
     sweep: dict              # preset -> aux+ortho+var at scaled beta, gamma (summary.sweep_summary)
     seconds: float           # wall time of the training and evaluation
+    environment: dict        # refmoe.study.environment of the process(es) that trained, and "workers"
 
 
 def run_study(study: StudyConfig, *, status: Callable[[str], None] = print,
-              progress: Progress | None = None) -> StudyResult:
+              progress: Progress | None = None, workers: int = 1) -> StudyResult:
     """Every seed, then the summary and the verdicts. ``status`` gets the per-logging-step lines; ``progress``
-    (a Progress) is told when each training run starts and closed at the end."""
+    (a Progress) is told when each training run starts and closed at the end. ``workers`` > 1 trains on that
+    many processes (``refmoe.study.parallel``, NumPy only); 1 trains in this process."""
+    from .parallel import check_workers, run_parallel
+
+    problem = check_workers(workers, study.backend)
+    if problem:
+        raise ValueError(problem.replace("--workers ", "workers="))
     t0 = time.perf_counter()
-    per_seed = []
     on_run = progress.start if progress is not None else None
     try:
-        for seed in study.seeds:
-            per_seed.append(run_seed(study, seed, status=status, on_run=on_run))
+        if workers > 1:
+            per_seed, env = run_parallel(study, workers, status=status, on_run=on_run)
+        else:
+            per_seed = [run_seed(study, seed, status=status, on_run=on_run) for seed in study.seeds]
+            env = {**environment(), "workers": 1}
     finally:
         if progress is not None:
             progress.close()
     summary = summarize(per_seed, study.presets, study.combos)
     claims = {p: claim_rows(per_seed, p, study.combos) for p in study.presets}
     sweep = sweep_summary(per_seed, study.presets)
-    return StudyResult(study, per_seed, summary, claims, sweep, time.perf_counter() - t0)
+    return StudyResult(study, per_seed, summary, claims, sweep, time.perf_counter() - t0, env)

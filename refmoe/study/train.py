@@ -14,7 +14,7 @@ sweep, under aux+ortho+var with beta and gamma scaled by a factor; a ``RunId`` n
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -120,17 +120,29 @@ def train_step(params: dict, opt_state, batch: D_.Batch, cfg: MoEConfig, objecti
     return params, opt_state, res, _f(task), dy
 
 
+def draw_batches(task: D_.ClusterTask, rng, *, steps: int, batch_size: int, domain: str, backend: str = "numpy",
+                 dtype=np.float32) -> list:
+    """The ``steps`` batches ``train_phase`` would draw from ``rng``, drawn once (to be shared by several runs)."""
+    return [D_.sample(task, rng, batch_size, domain=domain, backend=backend, dtype=dtype) for _ in range(steps)]
+
+
 def train_phase(params: dict, cfg: MoEConfig, objective: Objective, task: D_.ClusterTask, rng, *,
                 steps: int, batch_size: int, domain: str, adam: AdamConfig, log_every: int = 0,
-                backend: str = "numpy", dtype=np.float32, on_log: Callable | None = None) -> PhaseResult:
+                backend: str = "numpy", dtype=np.float32, on_log: Callable | None = None,
+                batches: Sequence[D_.Batch] | None = None) -> PhaseResult:
     """``steps`` updates on fresh batches of ``domain``; per-term analyses every ``log_every`` steps.
 
-    on_log(LogRecord) is called at each logging step (the status line of the command).
+    on_log(LogRecord) is called at each logging step (the status line of the command). ``batches``, when
+    given, are the ``steps`` batches to use in order instead of drawing them from ``rng`` (the batches
+    :func:`draw_batches` draws from the same ``rng``: the runs of a seed share them).
     """
+    if batches is not None and len(batches) != steps:
+        raise ValueError(f"{len(batches)} batches given for steps={steps}")
     opt = adam_init(params)
     step_recs, logs = [], []
     for s in range(1, steps + 1):
-        batch = D_.sample(task, rng, batch_size, domain=domain, backend=backend, dtype=dtype)
+        batch = (batches[s - 1] if batches is not None else
+                 D_.sample(task, rng, batch_size, domain=domain, backend=backend, dtype=dtype))
         logging = bool(log_every) and (s % log_every == 0 or s == 1 or s == steps)
         params, opt, res, l_h, dy = train_step(params, opt, batch, cfg, objective, adam, per_term=logging)
         step_recs.append(StepRecord(l_h, max_vio(res.cache.topk_idx, cfg.n_experts)))
