@@ -67,7 +67,14 @@ def step_on_device(x, params, cfg, obj, dy, valid_mask, batch_shape, *, capacity
                    keep_cache=True):
     """The step without host reads (but C when ``capacity`` is None on the padded layout).
 
-    Returns (y, cache, values {aux, ortho, var}, grads, status [len(STATUS)] bool array)."""
+    Returns (y, cache, values {aux, ortho, var}, grads, status [len(STATUS)] bool array).
+    Numerics: overflow and NaN are not warned about here; the status reports them (the core path then raises).
+    """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        return _step_on_device(x, params, cfg, obj, dy, valid_mask, batch_shape, capacity, layout, keep_cache)
+
+
+def _step_on_device(x, params, cfg, obj, dy, valid_mask, batch_shape, capacity, layout, keep_cache):
     xp = array_namespace(x)
     N, K = x.shape[0], cfg.top_k
     dy = xp.zeros_like(x) if dy is None else dy
@@ -88,13 +95,12 @@ def step_on_device(x, params, cfg, obj, dy, valid_mask, batch_shape, *, capacity
     grads = fl.layer_backward(dy, expert_out, tape, d_scores=d_aux + d_var, d_expert_out=d_eo)
     del expert_out, d_eo, tape
     true = xp.ones((), dtype=bool)
-    with np.errstate(over="ignore", invalid="ignore"):
-        sums = xp.stack([g.sum() for g in grads.values()])
-        status = xp.stack([xp.isfinite(y.sum()), xp.isfinite(sums).all(),
-                           xp.isfinite(xp.stack([l_aux, l_o, l_var])).all(),
-                           true if o_ok is None else o_ok,
-                           true if mask is None else mask.any(),
-                           fits])
+    sums = xp.stack([g.sum() for g in grads.values()])                              # one sum per gradient
+    status = xp.stack([xp.isfinite(y.sum()), xp.isfinite(sums).all(),
+                       xp.isfinite(xp.stack([l_aux, l_o, l_var])).all(),
+                       true if o_ok is None else o_ok,
+                       true if mask is None else mask.any(),
+                       fits])
     return y, cache, {"aux": l_aux, "ortho": l_o, "var": l_var}, grads, status
 
 
