@@ -41,9 +41,11 @@ def kernels_on(xp) -> bool:
 
 
 _CACHE = {}
+SPECS = {}          # name -> (in_params, out_params, body) of every ElementwiseKernel (the tests read them)
 
 
 def _elementwise(name, in_params, out_params, body):
+    SPECS[name] = (in_params, out_params, body)
     if name not in _CACHE:
         import cupy
         _CACHE[name] = cupy.ElementwiseKernel(in_params, out_params, body, "refmoe_" + name)
@@ -111,29 +113,29 @@ def ref_softmax_topk(xp, z, K, renorm, eps, scale):
 
 
 _SOFTMAX_TOPK = """
-    const long long n = i;
-    T m = z[n * E];
-    for (long long e = 1; e < E; ++e) { T v = z[n * E + e]; m = v > m ? v : m; }
+    const long long t = i;
+    T m = z[t * E];
+    for (long long e = 1; e < E; ++e) { T v = z[t * E + e]; m = v > m ? v : m; }
     T s = 0;
-    for (long long e = 0; e < E; ++e) s += exp(z[n * E + e] - m);
-    for (long long e = 0; e < E; ++e) p[n * E + e] = exp(z[n * E + e] - m) / s;
+    for (long long e = 0; e < E; ++e) s += exp(z[t * E + e] - m);
+    for (long long e = 0; e < E; ++e) p[t * E + e] = exp(z[t * E + e] - m) / s;
     T pv = 0; long long pi = -1; T selsum = 0;
     for (long long k = 0; k < K; ++k) {          // next in the order (logit descending, index ascending)
         long long best = -1; T bv = 0;
         for (long long e = 0; e < E; ++e) {
-            T v = z[n * E + e];
+            T v = z[t * E + e];
             bool after = pi < 0 || v < pv || (v == pv && e > pi);
             if (after && (best < 0 || v > bv)) { best = e; bv = v; }
         }
         if (best < 0) best = k;                  // only with NaN logits (the caller's check catches them)
-        idx[n * K + k] = best; pv = z[n * E + best]; pi = best;
-        selsum += p[n * E + best];
+        idx[t * K + k] = best; pv = z[t * E + best]; pi = best;
+        selsum += p[t * E + best];
     }
     T den = renorm ? selsum + eps : (T)1;
     for (long long k = 0; k < K; ++k) {
-        T sel = p[n * E + idx[n * K + k]];
+        T sel = p[t * E + idx[t * K + k]];
         T w = renorm ? sel / den : sel;
-        gates[n * K + k] = scale == (T)1 ? w : w * scale;
+        gates[t * K + k] = scale == (T)1 ? w : w * scale;
     }
     denom = den;
 """
@@ -164,25 +166,25 @@ def ref_router_backward(xp, dg, P, idx, denom, renorm, scale, d_inj):
 
 
 _ROUTER_BACKWARD = """
-    const long long n = i;
+    const long long t = i;
     T s = 0;
     for (long long k = 0; k < K; ++k) {
-        T dw = scale == (T)1 ? dg[n * K + k] : dg[n * K + k] * scale;
-        T sel = p[n * E + idx[n * K + k]];
+        T dw = scale == (T)1 ? dg[t * K + k] : dg[t * K + k] * scale;
+        T sel = p[t * E + idx[t * K + k]];
         s += dw * (renorm ? sel / denom : sel);
     }
     T dot = 0;
     for (long long e = 0; e < E; ++e) {
         T ds = 0;
-        for (long long k = 0; k < K; ++k) if (idx[n * K + k] == e) {
-            T dw = scale == (T)1 ? dg[n * K + k] : dg[n * K + k] * scale;
+        for (long long k = 0; k < K; ++k) if (idx[t * K + k] == e) {
+            T dw = scale == (T)1 ? dg[t * K + k] : dg[t * K + k] * scale;
             ds = renorm ? (dw - s) / denom : dw;
         }
-        if (has_inj) ds = ds + dinj[n * E + e];
-        dz[n * E + e] = ds;
-        dot += ds * p[n * E + e];
+        if (has_inj) ds = ds + dinj[t * E + e];
+        dz[t * E + e] = ds;
+        dot += ds * p[t * E + e];
     }
-    for (long long e = 0; e < E; ++e) dz[n * E + e] = p[n * E + e] * (dz[n * E + e] - dot);
+    for (long long e = 0; e < E; ++e) dz[t * E + e] = p[t * E + e] * (dz[t * E + e] - dot);
 """
 
 
@@ -231,9 +233,9 @@ def combine(xp, g, eo, base=None):
         return ref_combine(xp, g, eo, base)
     N, K, D = eo.shape
     k = _elementwise("combine", "raw T g, raw T eo, raw T base, int64 K, int64 D, int32 has_base", "T y", """
-        const long long n = i / D, d = i - n * D;
+        const long long t = i / D, d = i - t * D;
         T acc = 0;
-        for (long long k = 0; k < K; ++k) acc += g[n * K + k] * eo[(n * K + k) * D + d];
+        for (long long k = 0; k < K; ++k) acc += g[t * K + k] * eo[(t * K + k) * D + d];
         y = has_base ? acc + base[i] : acc;
     """)
     return k(g, eo, eo if base is None else base, K, D, np.int32(base is not None),
@@ -279,10 +281,10 @@ def slot_sum(xp, rows, slot, base):
         return ref_slot_sum(xp, rows, slot, base)
     K, D = slot.shape[1], rows.shape[1]
     k = _elementwise("slot_sum", "raw T rows, raw int64 slot, T base, int64 K, int64 D", "T dx", """
-        const long long n = i / D, d = i - n * D;
+        const long long t = i / D, d = i - t * D;
         T acc = 0;
         for (long long k = 0; k < K; ++k) {
-            const long long r = slot[n * K + k];
+            const long long r = slot[t * K + k];
             if (r >= 0) acc += rows[r * D + d];
         }
         dx = base + acc;
