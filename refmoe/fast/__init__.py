@@ -20,7 +20,8 @@ The API for a training loop or a study:
 Modules:
     kernels     the CuPy kernels (SwiGLU forward / backward, softmax + top-k + gates, the router backward, row
                 gathers, combine and its backward, the released Gram-Schmidt L_o forward / backward) and the
-                reference each must equal; ``REFMOE_FAST_KERNELS=0`` runs the references on CuPy too
+                reference each must equal (the span kernels in ``span_kernels``); ``REFMOE_FAST_KERNELS=0`` runs
+                the references on CuPy too
     layer       the layer on those kernels, sort-free dispatch, padded (CuPy) or per-expert (NumPy) experts,
                 a backward that frees each buffer after its last use
     losses      L_aux, L_o (pairwise from one batched Gram; span by the kernels), L_v without per-loss checks
