@@ -8,7 +8,11 @@ A step: layer forward (router softmax, top-k, K of E SwiGLU experts, shared expe
 regularisers of a preset, and the gradients of total = <dy, y> + alpha L_aux + beta L_o + gamma L_v (dy fixed
 and random) w.r.t. x and every parameter. Implementations (``--impls``):
 
-    refmoe         refmoe.objective_forward_backward(..., per_term=False, forward=refmoe.fast.moe_forward)
+    refmoe         refmoe.fast.objective_step(..., keep_cache=False): fused kernels, sort-free dispatch, the
+                   released Gram-Schmidt L_o in one kernel, inputs checked once, one read of C and one status
+    refmoe_graph   refmoe.fast.GraphedStep: the same step replayed from a CUDA graph (eager on NumPy)
+    refmoe_objective  refmoe.objective_forward_backward(..., per_term=False, forward=refmoe.fast.moe_forward),
+                   the earlier fast path (padded experts, the core's losses with their checks)
     refmoe_core    the same with the core layer refmoe.moe_forward (one expert at a time)
     refmoe_gram    refmoe.fast forward + L_o from refmoe.fast.ortho_gram (the Gram/Cholesky form), composed
                    by hand; the other losses as in refmoe
@@ -42,9 +46,11 @@ import numpy as np  # noqa: E402
 import refmoe  # noqa: E402
 import peers_env  # noqa: E402
 from peers_env import SHAPES, Preset, make_inputs, presets, rel_err  # noqa: E402
-from peers_refmoe import RefmoePeer, profile_refmoe  # noqa: E402
+from peers_refmoe import RefmoePeer, profile_fast, profile_refmoe  # noqa: E402
 
-IMPLS = ("refmoe", "refmoe_core", "refmoe_gram", "torch_batched", "torch_loop", "jax")
+IMPLS = ("refmoe", "refmoe_graph", "refmoe_objective", "refmoe_core", "refmoe_gram", "torch_batched", "torch_loop",
+         "jax")
+DEFAULT_IMPLS = ("refmoe", "refmoe_graph", "refmoe_objective", "torch_batched", "torch_loop", "jax")
 TOL = {"float64": 1e-10, "float32": 1e-3}
 
 
@@ -200,8 +206,12 @@ def memory_gpu(impls: dict, sync):
         if name.startswith("torch"):
             impl.clear_grads()
             mem[name] = {"step_peak": torch.cuda.max_memory_allocated() - t0 + impl.resident_bytes()}
+        elif name == "refmoe_graph" and impl.graph_pool_bytes() is not None:
+            # the replay allocates nothing: its buffers are the graph's private pool, held between steps
+            mem[name] = {"step_peak": impl.graph_pool_bytes() + impl.resident_bytes(), "graph_pool": True}
         elif name.startswith("refmoe"):
-            mem[name] = {"step_peak": gp.peak_used - c0 + impl.resident_bytes()}
+            mem[name] = {"step_peak": gp.peak_used - c0 + impl.resident_bytes(),
+                         "pool_total_after": gp.pool_total}
         else:
             plan = impl.memory_analysis()
             mem[name] = {"xla_plan": plan, "step_peak": None if plan is None else
@@ -253,8 +263,13 @@ def run_config(args, shape, dtype, preset_name, env_skips):
     res["median_s"] = {k: float(np.median(v)) for k, v in times.items()}
     res["paired_ratio"] = paired_ratios(times, res["median_s"])
     if args.profile:
-        res["profile_s"] = profile_refmoe(impls["refmoe"], sync, args.reps, jax_peer=impls.get("jax"))
-        print("  profile (ms): " + " ".join(f"{k} {1e3 * v:.1f}" for k, v in res["profile_s"].items()), flush=True)
+        res["profile_s"] = profile_fast(impls["refmoe"], sync, args.reps, jax_peer=impls.get("jax"))
+        print("  profile refmoe (ms): " + " ".join(f"{k} {1e3 * v:.1f}" for k, v in res["profile_s"].items()),
+              flush=True)
+        if "refmoe_objective" in impls:
+            res["profile_objective_s"] = profile_refmoe(impls["refmoe_objective"], sync, args.reps)
+            print("  profile refmoe_objective (ms): " + " ".join(
+                f"{k} {1e3 * v:.1f}" for k, v in res["profile_objective_s"].items()), flush=True)
     if not args.no_memory:
         if args.backend == "numpy":
             res["memory"] = {n: memory_in_child(n, shape, dtype, preset_name) for n in impls}
@@ -316,7 +331,8 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", default=["cpu"], choices=list(SHAPES))
     ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "float64"])
     ap.add_argument("--presets", nargs="+", default=["paper", "authors_code"], choices=["paper", "authors_code"])
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS,
+                    help=f"default {' '.join(DEFAULT_IMPLS)}")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="also time refmoe's phases (and JAX's layer alone)")
@@ -338,10 +354,18 @@ def main(argv=None):
     print(json.dumps(out["env"]), flush=True)
     for name, why in skips.items():
         print(f"WARNING: {name} skipped: {why}", flush=True)
+    failed = []
     for shape in args.shapes:
         for dtype in args.dtypes:
             for pname in args.presets:
-                out["results"].append(run_config(args, shape, dtype, pname, skips))
+                try:
+                    out["results"].append(run_config(args, shape, dtype, pname, skips))
+                except Exception as exc:                       # noqa: BLE001 recorded, the next one runs
+                    import traceback
+                    traceback.print_exc()
+                    failed.append(f"{shape} {dtype} {pname}: {exc!r}")
+                    out["results"].append({"shape": shape, "dtype": dtype, "preset": {"name": pname},
+                                           "error": repr(exc)})
                 out["env"]["loadavg_at_end"] = os.getloadavg()
                 if args.backend == "numpy":
                     out["env"]["cpu_gemm_gflops_at_end"] = peers_env.cpu_gemm_gflops()
@@ -349,6 +373,12 @@ def main(argv=None):
                     with open(args.json, "w") as f:
                         json.dump(out, f, indent=1)
     print_table(out["results"])
+    if failed:
+        print("\nFAILED configurations:\n  " + "\n  ".join(failed), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        raise SystemExit(1)
     return out
 
 

@@ -1,10 +1,14 @@
-"""refmoe's side of ``bench_peers.py``: the objective step in three variants, and where its time goes.
+"""refmoe's side of ``bench_peers.py``: the objective step in five variants, and where its time goes.
 
 Dimension letters: N tokens, D model, E experts, K top-k.
 
-    refmoe       refmoe.objective_forward_backward(x, params, cfg, dy, obj, per_term=False,
-                 forward=refmoe.fast.moe_forward)
-    refmoe_core  the same with forward=refmoe.moe_forward (the reading path: one expert at a time)
+    refmoe            refmoe.fast.objective_step(x, params, cfg, obj, dy, keep_cache=False): the fused kernels,
+                      one host read for C and one for the status
+    refmoe_graph      refmoe.fast.GraphedStep(x, params, cfg, obj, dy)(): the same step replayed from a CUDA
+                      graph (static C; eager where capture is impossible, e.g. on NumPy)
+    refmoe_objective  refmoe.objective_forward_backward(x, params, cfg, dy, obj, per_term=False,
+                      forward=refmoe.fast.moe_forward): the earlier fast path (padded experts, core losses)
+    refmoe_core       the same with forward=refmoe.moe_forward (the reading path: one expert at a time)
     refmoe_gram  refmoe.fast.moe_forward, L_o from refmoe.fast.ortho_gram, L_aux / L_v from refmoe.losses,
                  one moe_backward with the injections summed (what the objective does, by hand)
 """
@@ -16,7 +20,10 @@ import numpy as np
 
 import refmoe
 import refmoe.fast
-from refmoe import moe_backward
+from refmoe import moe_backward, to_numpy
+from refmoe.fast import layer as fast_layer
+from refmoe.fast import losses as fast_losses
+from refmoe.checks import mask_weights
 from refmoe.losses.terms import term_backward, term_forward
 
 from peers_env import objective_of
@@ -32,10 +39,20 @@ class RefmoePeer:
         self.cfg, self.batch_shape, self.preset, self.variant = inp.cfg, inp.batch_shape, preset, variant
         self.obj = objective_of(preset)
         self.forward = refmoe.moe_forward if variant == "refmoe_core" else refmoe.fast.moe_forward
+        self.graphed = None
+        if variant == "refmoe_graph":
+            self.graphed = refmoe.fast.GraphedStep(self.x, self.params, self.cfg, self.obj, self.dy,
+                                                   batch_shape=self.batch_shape)
+            print(f"  refmoe_graph: mode {self.graphed.mode}" + (f" ({self.graphed.reason})"
+                  if self.graphed.reason else f", C = {self.graphed.capacity}"), flush=True)
 
     def step(self):
         if self.variant == "refmoe_gram":
             return self._step_gram()
+        if self.variant in ("refmoe", "refmoe_graph"):
+            r = self.graphed() if self.graphed is not None else refmoe.fast.objective_step(
+                self.x, self.params, self.cfg, self.obj, self.dy, batch_shape=self.batch_shape, keep_cache=False)
+            return r.y, r.grads["total"], (r.losses["aux"], r.losses["ortho"], r.losses["var"])
         r = refmoe.objective_forward_backward(self.x, self.params, self.cfg, self.dy, self.obj, per_term=False,
                                               batch_shape=self.batch_shape, forward=self.forward)
         return r.y, r.grads["total"], (r.losses["aux"], r.losses["ortho"], r.losses["var"])
@@ -61,6 +78,11 @@ class RefmoePeer:
     def resident_bytes(self):
         return sum(int(a.nbytes) for a in [self.x, self.dy, *self.params.values()])
 
+    def graph_pool_bytes(self):
+        """Bytes of the CUDA graph's private pool (refmoe_graph in graph mode), else None."""
+        g = self.graphed
+        return None if g is None or g.mode != "graph" else int(g.pool.total_bytes())
+
     def sync(self):
         pass
 
@@ -75,6 +97,40 @@ def _timed(fn, sync):
     out = fn()
     sync()
     return time.perf_counter() - t0, out
+
+
+def profile_fast(peer: RefmoePeer, sync, reps: int, jax_peer=None) -> dict:
+    """Median seconds of the phases of ``refmoe.fast.objective_step`` (each synchronised on a GPU): the layer
+    forward (routing kernel, the capacity read, gathers, batched SwiGLU, combine), each regulariser's forward +
+    backward on its outputs, the layer backward with the injections, and the status read; ``step`` = the
+    whole ``objective_step``. With a JAX peer also ``jax_layer_only`` (see :func:`profile_refmoe`)."""
+    obj, cfg, xp = peer.obj, peer.cfg, refmoe.array_namespace(peer.x)
+    forms = obj.forms
+    eps = refmoe.ORTHO_VARIANTS[forms["ortho"]].default_eps if obj.ortho_eps is None else obj.ortho_eps
+    ph = {}
+    for rep in range(reps + 1):
+        t = {}
+        t["layer_forward"], (y, eo, tape) = _timed(lambda: fast_layer.layer_forward(peer.x, peer.params, cfg), sync)
+        valid = mask_weights(None, peer.x.shape[0], peer.x.dtype, xp)
+        t["aux"], (l_a, d_a, _) = _timed(lambda: fast_losses.aux(tape.scores, tape.topk_idx, forms["aux"], obj.alpha,
+                                                                 valid, peer.batch_shape), sync)
+        t["var"], (l_v, d_v, _) = _timed(lambda: fast_losses.var(tape.scores, tape.topk_idx, forms["var"], obj.gamma,
+                                                                 valid), sync)
+        t["ortho_" + forms["ortho"]], (l_o, d_eo, ok) = _timed(lambda: fast_losses.ortho(
+            eo, forms["ortho"], obj.beta, eps, valid, tape.topk_idx, cfg.n_experts), sync)
+        t["layer_backward"], grads = _timed(lambda: fast_layer.layer_backward(peer.dy, eo, tape, d_scores=d_a + d_v,
+                                                                             d_expert_out=d_eo), sync)
+        t["status_read"], _ = _timed(lambda: bool(to_numpy(xp.stack([xp.isfinite(y.sum()),
+                                                                       *[xp.isfinite(g.sum()) for g in grads.values()]])).all()), sync)
+        del y, eo, tape, d_a, d_v, d_eo, grads
+        t["step"], _ = _timed(lambda: refmoe.fast.objective_step(peer.x, peer.params, cfg, obj, peer.dy,
+                                                                 batch_shape=peer.batch_shape, keep_cache=False), sync)
+        if rep:
+            for k, v in t.items():
+                ph.setdefault(k, []).append(v)
+    if jax_peer is not None:
+        ph["jax_layer_only"] = _jax_layer_only(jax_peer, reps)
+    return {k: float(np.median(v)) for k, v in ph.items()}
 
 
 def profile_refmoe(peer: RefmoePeer, sync, reps: int, jax_peer=None) -> dict:

@@ -1,0 +1,248 @@
+r"""The layer of ``refmoe.layer`` on the fused kernels of ``refmoe.fast.kernels``, for the objective step.
+
+Dimension letters: N tokens, D model width, H expert hidden width, E routed experts, K top-k, A = N*K
+assignments, C rows per expert (padded layout), R rows of the experts' layout, Hs the shared hidden width.
+
+The same composition as ``refmoe.layer`` (router -> top-k -> gates -> experts -> combine + shared experts),
+with three differences that exist only for speed:
+
+* routing (softmax, top-k of the logits, gates) is one kernel per step direction;
+* the assignments are placed without a sort: the rank of assignment a within its expert is the running count
+  of that expert up to a (a cumulative sum of the [A, E] one-hot), so the layout is computed on the device.
+  ``layout="padded"`` (the default on CuPy) gives expert e the rows e*C .. e*C + C - 1, C = the largest load
+  (one device->host read) or the ``capacity`` passed in (no read; loads above it are reported by
+  ``Plan.fits``), and runs each projection as one batched product over [E, C, .]; ``layout="sorted"``
+  (the default on NumPy) puts the experts' rows one after another and runs one product per expert;
+* the backward consumes the forward's buffers (:class:`Tape`): each is dropped once its last reader ran,
+  and the SwiGLU backward writes (h, da, db) over (dh, a, b). The backward runs once per forward.
+
+Supported: the configurations :func:`unsupported` returns None for (softmax scores selected on the logits, no
+bias, groups, capacity or shared gate); ``refmoe.fast.objective_step`` sends the others to the core layer.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_namespace, to_numpy
+from ..config import MoEConfig
+from . import kernels as kn
+
+
+def unsupported(cfg: MoEConfig):
+    """Why the fast layer cannot run ``cfg`` (a short string), or None when it can."""
+    checks = {"score_function": cfg.score_function == "softmax", "select_on": cfg.select_on == "logits",
+              "gates": cfg.gates == "selected", "expert_bias": not cfg.expert_bias,
+              "n_group": cfg.n_group is None and cfg.topk_group is None, "capacity_factor": cfg.capacity_factor is None,
+              "shared_gate": not cfg.shared_gate}
+    bad = [k for k, ok in checks.items() if not ok]
+    return None if not bad else "fast layer does not cover " + ", ".join(bad)
+
+
+def _renorm(cfg: MoEConfig) -> bool:
+    return cfg.renorm_mode == "always" or (cfg.renorm_mode == "k_gt_1" and cfg.top_k > 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the experts' layout
+# ----------------------------------------------------------------------------------------------
+
+class Plan:
+    """Where every assignment sits in the experts' layout.
+
+    slot     [N, K] int64 row of assignment (n, k), -1 when it does not fit (padded layout, load > C)
+    src      [R] int64 assignment n*K + k of each row, -1 for a padding row
+    token    [R] int64 token of each row, -1 for a padding row
+    layout   "padded" (R = E*C) or "sorted" (R = A)
+    C        rows per expert (padded), or None
+    offsets  E + 1 host ints (sorted layout): expert e holds rows offsets[e] .. offsets[e+1] - 1
+    fits     0-d bool array: every load <= C (always True for the sorted layout)
+    """
+
+    def __init__(self, slot, src, token, layout, C, offsets, fits):
+        self.slot, self.src, self.token = slot, src, token
+        self.layout, self.C, self.offsets, self.fits = layout, C, offsets, fits
+
+
+def expert_ranks(topk_idx, n_experts: int):
+    """(flat [A], rank [A], counts [E]): the expert of each flat assignment, its place among that expert's
+    assignments in token order, and the loads; int64, on the device, no sort and no host read."""
+    xp = array_namespace(topk_idx)
+    flat = topk_idx.reshape(-1).astype(np.int64, copy=False)                     # [A]
+    onehot = (flat[:, None] == xp.arange(n_experts)[None, :]).astype(np.int32)   # [A, E]
+    running = xp.cumsum(onehot, axis=0, dtype=np.int32)                          # [A, E] running loads
+    counts = running[-1].astype(np.int64)                                        # [E]
+    rank = xp.take_along_axis(running, flat[:, None], axis=1)[:, 0].astype(np.int64) - 1   # [A]
+    return flat, rank, counts
+
+
+def plan_rows(topk_idx, n_experts: int, layout: str, capacity=None) -> Plan:
+    r"""The experts' layout of the assignments ``topk_idx`` [N, K], without a sort.
+
+    .. math:: \mathrm{rank}_a = \#\{a' < a : e_{a'} = e_a\},\qquad
+              \mathrm{row}_a = e_a C + \mathrm{rank}_a\ \text{(padded)}\ \text{or}\ \mathrm{start}_{e_a} + \mathrm{rank}_a
+
+    Host reads: the sorted layout reads the E counts (for its per-expert loop); the padded one reads their
+    maximum unless ``capacity`` is given. Integer work: zero gradient.
+    """
+    xp = array_namespace(topk_idx)
+    N, K = topk_idx.shape
+    A, E = N * K, n_experts
+    flat, rank, counts = expert_ranks(topk_idx, E)                               # [A], [A], [E]
+    if layout == "sorted":
+        host = to_numpy(counts)
+        offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(host)]))
+        start = xp.cumsum(counts) - counts                                       # [E]
+        row = start[flat] + rank                                                 # [A] a permutation of A rows
+        R, C, fits = A, None, xp.ones((), dtype=bool)
+    elif layout == "padded":
+        C = int(to_numpy(counts.max())) if capacity is None else int(capacity)
+        fits = counts.max() <= C
+        row = xp.where(rank < C, flat * C + rank, -1)                            # [A]
+        R, offsets = E * C, None
+    else:
+        raise ValueError(f"layout={layout!r}; expected 'padded' or 'sorted'")
+    src = xp.full(R + 1, -1, dtype=np.int64)                                     # the last entry takes misfits
+    src[xp.where(row >= 0, row, R)] = xp.arange(A, dtype=np.int64)               # distinct rows: exact
+    src = src[:R]
+    token = xp.where(src >= 0, src // K, -1)
+    return Plan(row.reshape(N, K), src, token, layout, C, offsets, fits)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+class Tape:
+    """The forward's buffers for the one backward; the backward sets each to None after its last use."""
+
+    def __init__(self, **arrays):
+        self.__dict__.update(arrays)
+
+    def take(self, name):
+        value = self.__dict__[name]
+        self.__dict__[name] = None
+        return value
+
+
+def _swiglu_forward(xp, x, w_gate, w_up, w_down):
+    """(out, a, b): out = (silu(x Wg) * (x Wu)) Wd, batched over a leading axis when there is one."""
+    a = x @ w_gate                                                                # [M, H]
+    b = x @ w_up                                                                  # [M, H]
+    h = kn.swiglu_forward_ew(xp, a, b)                                            # [M, H]
+    return h @ w_down, a, b
+
+
+def _swiglu_backward(xp, dout, x, a, b, w_gate, w_up, w_down):
+    """(dx, dw_gate, dw_up, dw_down) of :func:`_swiglu_forward`; a and b are overwritten."""
+    dh = dout @ w_down.swapaxes(-1, -2)                                           # [M, H]
+    h, da, db = kn.swiglu_backward_ew(xp, dh, a, b)                               # over (dh, a, b)
+    dw_down = h.swapaxes(-1, -2) @ dout                                           # [H, D]
+    del h, dh
+    dw_gate = x.swapaxes(-1, -2) @ da                                             # [D, H]
+    dw_up = x.swapaxes(-1, -2) @ db                                               # [D, H]
+    dx = da @ w_gate.swapaxes(-1, -2)                                             # [M, D]
+    del da
+    dx += db @ w_up.swapaxes(-1, -2)
+    return dx, dw_gate, dw_up, dw_down
+
+
+def _experts_forward(xp, x_rows, params, plan: Plan):
+    """Outputs in the layout [R, D]; a, b [R, H] kept for the backward."""
+    wg, wu, wd = params["w_gate"], params["w_up"], params["w_down"]
+    E, D, H = wg.shape
+    if plan.layout == "padded":
+        out, a, b = _swiglu_forward(xp, x_rows.reshape(E, plan.C, D), wg, wu, wd)   # [E, C, .]
+        return out.reshape(-1, D), a.reshape(-1, H), b.reshape(-1, H)
+    R = x_rows.shape[0]
+    out = xp.empty((R, D), dtype=x_rows.dtype)
+    a, b = xp.empty((R, H), dtype=x_rows.dtype), xp.empty((R, H), dtype=x_rows.dtype)
+    for e in range(E):
+        lo, hi = plan.offsets[e], plan.offsets[e + 1]
+        if lo < hi:
+            out[lo:hi], a[lo:hi], b[lo:hi] = _swiglu_forward(xp, x_rows[lo:hi], wg[e], wu[e], wd[e])
+    return out, a, b
+
+
+def layer_forward(x, params: dict, cfg: MoEConfig, *, layout=None, capacity=None):
+    """Forward of the layer.  x: [N, D] -> (y [N, D], expert_out [N, K, D], Tape).
+
+    The caller checked the inputs (``refmoe.fast.objective_step`` does, once per step). ``layout`` None is
+    "padded" on CuPy and "sorted" on NumPy. The Tape also holds the reader's intermediates: logits, scores,
+    topk_idx, gates, shared_out.
+    """
+    xp = array_namespace(x)
+    layout = layout or ("padded" if xp.__name__ == "cupy" else "sorted")
+    N, D = x.shape
+    renorm = _renorm(cfg)
+    logits = x @ params["w_router"].T                                             # [N, E]
+    scores, topk_idx, gates, denom = kn.softmax_topk(xp, logits, cfg.top_k, renorm, float(cfg.gate_eps),
+                                                     float(cfg.routed_scaling_factor))   # [N, E], [N, K], [N]
+    plan = plan_rows(topk_idx, cfg.n_experts, layout, capacity)
+    x_rows = kn.gather_rows(xp, x, plan.token)                                    # [R, D]
+    out_rows, a, b = _experts_forward(xp, x_rows, params, plan)                   # [R, D], [R, H] x2
+    expert_out = kn.gather_rows(xp, out_rows, plan.slot.reshape(-1)).reshape(N, cfg.top_k, D)   # [N, K, D]
+    del out_rows
+    shared_out = a_s = b_s = None
+    if cfg.n_shared:
+        shared_out, a_s, b_s = _swiglu_forward(xp, x, params["shared_w_gate"], params["shared_w_up"],
+                                               params["shared_w_down"])           # [N, D], [N, Hs] x2
+    y = kn.combine(xp, gates, expert_out, shared_out)                             # [N, D]
+    tape = Tape(x=x, params=params, cfg=cfg, renorm=renorm, logits=logits, scores=scores, topk_idx=topk_idx,
+                gates=gates, denom=denom, plan=plan, x_rows=x_rows, a=a, b=b, a_s=a_s, b_s=b_s,
+                shared_out=shared_out)
+    return y, expert_out, tape
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+def layer_backward(dy, expert_out, tape: Tape, d_scores=None, d_expert_out=None) -> dict:
+    """Gradients of <dy, y> + <d_scores, scores> + <d_expert_out, expert_out> for x and every parameter.
+
+    dy [N, D], expert_out [N, K, D] (the forward's; the caller may drop its own reference first, then this is
+    the last one), d_scores [N, E] or None, d_expert_out [N, K, D] or None. Consumes ``tape``.
+    """
+    xp = array_namespace(dy)
+    t, cfg, p = tape, tape.cfg, tape.params
+    grads = {}
+    d_gates = (expert_out @ dy[:, :, None])[:, :, 0]                              # combine: [N, K]
+    del expert_out
+    plan = t.plan
+    d_rows = kn.combine_backward_rows(xp, t.gates, dy, d_expert_out, plan.src)    # combine: [R, D]
+    del d_expert_out
+    d_logits = kn.router_backward(xp, d_gates, t.scores, t.topk_idx, t.denom, t.renorm,
+                                  float(cfg.routed_scaling_factor), d_scores)     # router: [N, E]
+    dx_router, grads["w_router"] = d_logits @ p["w_router"], d_logits.T @ t.x    # [N, D], [E, D]
+    del d_logits
+    dx_base = dx_router
+    if cfg.n_shared:                                                              # shared experts
+        dx_shared, grads["shared_w_gate"], grads["shared_w_up"], grads["shared_w_down"] = _swiglu_backward(
+            xp, dy, t.x, t.take("a_s"), t.take("b_s"), p["shared_w_gate"], p["shared_w_up"], p["shared_w_down"])
+        dx_base = dx_router + dx_shared
+        del dx_shared
+    del dx_router
+    dx_rows, grads["w_gate"], grads["w_up"], grads["w_down"] = _experts_backward(xp, d_rows, t)   # [R, D]
+    del d_rows
+    grads["x"] = kn.slot_sum(xp, dx_rows, plan.slot, dx_base)                     # [N, D] fan-in of x
+    return grads
+
+
+def _experts_backward(xp, d_rows, t: Tape):
+    wg, wu, wd = t.params["w_gate"], t.params["w_up"], t.params["w_down"]
+    E, D, H = wg.shape
+    plan = t.plan
+    x_rows, a, b = t.take("x_rows"), t.take("a"), t.take("b")
+    if plan.layout == "padded":
+        C = plan.C
+        dx, dwg, dwu, dwd = _swiglu_backward(xp, d_rows.reshape(E, C, D), x_rows.reshape(E, C, D),
+                                             a.reshape(E, C, H), b.reshape(E, C, H), wg, wu, wd)
+        return dx.reshape(-1, D), dwg, dwu, dwd
+    dx = xp.zeros_like(x_rows)
+    dwg, dwu, dwd = xp.zeros_like(wg), xp.zeros_like(wu), xp.zeros_like(wd)
+    for e in range(E):
+        lo, hi = plan.offsets[e], plan.offsets[e + 1]
+        if lo < hi:
+            dx[lo:hi], dwg[e], dwu[e], dwd[e] = _swiglu_backward(
+                xp, d_rows[lo:hi], x_rows[lo:hi], a[lo:hi], b[lo:hi], wg[e], wu[e], wd[e])
+    return dx, dwg, dwu, dwd

@@ -1,0 +1,208 @@
+"""Every op of ``refmoe.fast.kernels`` against the core code it replaces, on both backends.
+
+On NumPy the ops run their references, so these tests check the references against the core; on CuPy they
+launch the kernels, and each is also compared with its own reference on the same device (``test_*_kernel``).
+float64: 1e-12 relative or better; float32: the tolerance beside each assertion. New backwards (span, router,
+SwiGLU elementwise) are checked against float64 central differences as well.
+"""
+import numpy as np
+import pytest
+
+from refmoe import gradcheck, ops
+from refmoe.fast import kernels as kn
+from refmoe.gradcheck import rel_error
+from refmoe.losses.ortho_span import span_backward, span_per_token
+from refmoe.router import routing_backward, routing_forward
+
+from helpers import host, on
+
+TOL = {np.float64: 1e-12, np.float32: 2e-5}      # measured ~1e-16 / ~3e-7 (references), kernels see below
+
+
+def _rand(xp, rng, shape, dtype=np.float64, scale=1.0):
+    return on(xp, (scale * rng.standard_normal(shape)).astype(dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU elementwise parts
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_swiglu_elementwise_equal_core(xp, rng, dtype):
+    M, D, H = 37, 10, 13
+    x, dout = _rand(xp, rng, (M, D), dtype), _rand(xp, rng, (M, D), dtype)
+    wg, wu, wd = _rand(xp, rng, (D, H), dtype, 2), _rand(xp, rng, (D, H), dtype), _rand(xp, rng, (H, D), dtype)
+    out, c = ops.swiglu_forward(x, wg, wu, wd)
+    dx, dwg, dwu, dwd = ops.swiglu_backward(dout, c)
+    a, b = x @ wg, x @ wu
+    h = kn.swiglu_forward_ew(xp, a, b)
+    assert h.dtype == dtype
+    assert rel_error(h @ wd, out) < TOL[dtype]
+    dh = dout @ wd.T
+    h2, da, db = kn.swiglu_backward_ew(xp, dh, a.copy(), b.copy())
+    assert rel_error(h2, c.h) < TOL[dtype]
+    assert rel_error(h2.T @ dout, dwd) < TOL[dtype]
+    assert rel_error(x.T @ da, dwg) < TOL[dtype] and rel_error(x.T @ db, dwu) < TOL[dtype]
+    assert rel_error(da @ wg.T + db @ wu.T, dx) < TOL[dtype]
+
+
+def test_swiglu_elementwise_extreme_inputs(xp):
+    a = on(xp, np.array([-1e4, -800.0, -88.0, -1.0, 0.0, 1.0, 88.0, 800.0, 1e4]))
+    b = on(xp, np.full(9, 2.0))
+    h = kn.swiglu_forward_ew(xp, a, b)
+    assert bool(xp.isfinite(h).all())
+    assert float(h[0]) == 0.0 and float(h[-1]) == 2e4               # silu(-inf) = 0, silu(a) = a for large a
+    h2, da, db = kn.swiglu_backward_ew(xp, xp.ones(9), a.copy(), b.copy())
+    assert bool(xp.isfinite(da).all()) and rel_error(h2, h) < 1e-15
+
+
+# ----------------------------------------------------------------------------------------------
+# router: softmax + top-k + gates, and the backward
+# ----------------------------------------------------------------------------------------------
+
+ROUTERS = [("always", 1.0, 0.0), ("never", 1.0, 0.0), ("always", 2.5, 1e-20), ("never", 16.0, 0.0)]
+
+
+@pytest.mark.parametrize("renorm, scale, eps", ROUTERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_topk_and_backward_equal_core(xp, rng, renorm, scale, eps, dtype):
+    N, E, K = 41, 9, 3
+    z = rng.standard_normal((N, E))
+    z[0] = 0.5                                      # a row of ties: the lower index wins
+    z[1, [2, 5, 7]] = 3.0
+    z = on(xp, z.astype(dtype))
+    (idx0, g0), rc = routing_forward(z, K, renorm=renorm, scale=scale, eps=eps)
+    P, idx, gates, denom = kn.softmax_topk(xp, z, K, renorm == "always", eps, scale)
+    assert (host(idx) == host(idx0)).all()
+    assert host(idx)[0].tolist() == [0, 1, 2] and host(idx)[1].tolist() == [2, 5, 7]
+    assert P.dtype == dtype and gates.dtype == dtype
+    assert rel_error(P, rc.scores) < TOL[dtype] and rel_error(gates, g0) < TOL[dtype]
+    dg, d_inj = _rand(xp, rng, (N, K), dtype), _rand(xp, rng, (N, E), dtype)
+    for inj in (None, d_inj):
+        ref = routing_backward(dg, rc, inj)
+        got = kn.router_backward(xp, dg, P, idx, denom, renorm == "always", scale, inj)
+        assert got.dtype == dtype and rel_error(got, ref) < TOL[dtype]
+
+
+def test_router_backward_finite_differences(xp, rng):
+    N, E, K = 6, 5, 2
+    z = _rand(xp, rng, (N, E))
+    dg, d_inj = _rand(xp, rng, (N, K)), _rand(xp, rng, (N, E))
+    _, idx0, _, _ = kn.softmax_topk(xp, z, K, True, 0.0, 1.5)
+
+    def phi(inp):
+        P, idx, gates, _ = kn.softmax_topk(xp, inp["z"], K, True, 0.0, 1.5)
+        return (gates * dg).sum() + (P * d_inj).sum()
+
+    P, idx, _, denom = kn.softmax_topk(xp, z, K, True, 0.0, 1.5)
+    analytic = {"z": kn.router_backward(xp, dg, P, idx, denom, True, 1.5, d_inj)}
+    guard = lambda inp: kn.softmax_topk(xp, inp["z"], K, True, 0.0, 1.5)[1]        # noqa: E731
+    err = gradcheck.check_vjp(phi, {"z": z}, analytic, guard=guard)["z"]
+    assert err < 1e-8                                # measured ~1e-10
+
+
+# ----------------------------------------------------------------------------------------------
+# rows: gathers, combine, combine backward, slot sums
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_ops_equal_plain_formulas(xp, rng, dtype):
+    N, K, D, R = 7, 3, 5, 26
+    src_rows = rng.permutation(R)[: N * K]
+    src = np.full(R, -1, dtype=np.int64)
+    src[src_rows] = np.arange(N * K)                 # row -> assignment, -1 padding
+    slot = src_rows.reshape(N, K).astype(np.int64)   # assignment -> row
+    src_d, slot_d = on(xp, src), on(xp, slot)
+    table = rng.standard_normal((R, D)).astype(dtype)
+    g, dy = rng.standard_normal((N, K)).astype(dtype), rng.standard_normal((N, D)).astype(dtype)
+    inj, base = rng.standard_normal((N, K, D)).astype(dtype), rng.standard_normal((N, D)).astype(dtype)
+
+    got = host(kn.gather_rows(xp, on(xp, table), src_d))
+    want = np.where(src[:, None] >= 0, table[np.maximum(src, 0)], 0)
+    assert got.dtype == dtype and np.array_equal(got, want.astype(dtype))
+    eo = table[slot]                                                               # [N, K, D]
+    y = kn.combine(xp, on(xp, g), on(xp, eo), on(xp, base))
+    assert rel_error(y, (g[:, :, None] * eo).sum(axis=1) + base) < TOL[dtype]
+    assert rel_error(kn.combine(xp, on(xp, g), on(xp, eo)), (g[:, :, None] * eo).sum(axis=1)) < TOL[dtype]
+    for d_inj in (None, inj):
+        rows = host(kn.combine_backward_rows(xp, on(xp, g), on(xp, dy), None if d_inj is None else on(xp, d_inj),
+                                             src_d))
+        d_eo = g[:, :, None] * dy[:, None, :] + (0 if d_inj is None else d_inj)
+        assert rel_error(rows[slot], d_eo) < TOL[dtype]
+        assert (rows[src < 0] == 0).all()
+    dx = kn.slot_sum(xp, on(xp, table), slot_d, on(xp, base))
+    assert rel_error(dx, base + table[slot].sum(axis=1)) < TOL[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# L_o span: the released Gram-Schmidt on the full vectors
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("K, D", [(2, 7), (3, 40), (4, 256), (6, 130), (6, 600)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_span_equals_core(xp, rng, K, D, dtype):
+    N = 9
+    A = _rand(xp, rng, (N, K, D), dtype)
+    A[2, 1] = A[2, 0] * 0.5 + 1e-3 * A[2, 1]          # nearly dependent slots
+    g = _rand(xp, rng, (N,), dtype)
+    ref_v, ref_d = span_per_token(A, 1e-6), span_backward(g, A, 1e-6)
+    v = kn.span_forward(xp, A, 1e-6)
+    v2, d = kn.span_backward(xp, g, A, 1e-6)
+    assert v.dtype == dtype and d.dtype == dtype
+    tol = 1e-12 if dtype == np.float64 else 1e-4     # float32: the nearly dependent token, ~1e-5 measured
+    assert rel_error(v, ref_v) < tol and rel_error(v2, ref_v) < tol
+    assert rel_error(d, ref_d) < tol
+
+
+def test_span_dependent_slots_and_zero_eps(xp, rng):
+    A = rng.standard_normal((4, 3, 8))
+    A[0, 2] = A[0, 1]                                 # exactly dependent: residual 0
+    A[1, 0] = 0.0                                     # a zero slot
+    A = on(xp, A)
+    g = on(xp, np.ones(4))
+    for eps in (1e-6, 0.0):
+        v = kn.span_forward(xp, A, eps)
+        _, d = kn.span_backward(xp, g, A, eps)
+        assert bool(xp.isfinite(v).all()) and bool(xp.isfinite(d).all())
+        assert rel_error(v, span_per_token(A, eps)) < 1e-12
+        assert rel_error(d, span_backward(g, A, eps)) < 1e-12
+
+
+def test_span_backward_finite_differences(xp, rng):
+    N, K, D = 3, 4, 5
+    A, g = _rand(xp, rng, (N, K, D)), _rand(xp, rng, (N,))
+    phi = lambda inp: (g * kn.span_forward(xp, inp["A"], 1e-6)).sum()             # noqa: E731
+    err = gradcheck.check_vjp(phi, {"A": A}, {"A": kn.span_backward(xp, g, A, 1e-6)[1]})["A"]
+    assert err < 1e-8                                 # measured ~1e-10
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: each kernel against its reference on the device
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_equal_their_references_on_the_gpu(cp, rng, dtype):
+    assert kn.kernels_on(cp)
+    N, K, D, E, H = 50, 6, 300, 10, 17
+    A, g = _rand(cp, rng, (N, K, D), dtype), _rand(cp, rng, (N,), dtype)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert rel_error(kn.span_forward(cp, A, 1e-6), kn.ref_span_forward(cp, A, 1e-6)) < tol
+    for got, want in zip(kn.span_backward(cp, g, A, 1e-6), kn.ref_span_backward(cp, g, A, 1e-6)):
+        assert rel_error(got, want) < tol
+    a, b, dh = (_rand(cp, rng, (N, H), dtype, 3) for _ in range(3))
+    assert rel_error(kn.swiglu_forward_ew(cp, a, b), kn.ref_swiglu_forward_ew(cp, a, b)) < tol
+    for got, want in zip(kn.swiglu_backward_ew(cp, dh.copy(), a.copy(), b.copy()),
+                         kn.ref_swiglu_backward_ew(cp, dh.copy(), a.copy(), b.copy())):
+        assert rel_error(got, want) < tol
+    z = _rand(cp, rng, (N, E), dtype)
+    got, want = kn.softmax_topk(cp, z, K, True, 0.0, 1.0), kn.ref_softmax_topk(cp, z, K, True, 0.0, 1.0)
+    assert (host(got[1]) == host(want[1])).all()
+    for x, y in zip(got, want):
+        assert rel_error(x, y) < tol
+    P, idx, _, denom = got
+    dg, inj = _rand(cp, rng, (N, K), dtype), _rand(cp, rng, (N, E), dtype)
+    assert rel_error(kn.router_backward(cp, dg, P, idx, denom, True, 1.0, inj),
+                     kn.ref_router_backward(cp, dg, P, idx, denom, True, 1.0, inj)) < tol
+    rows = cp.asarray(np.where(rng.random(N * K) < 0.2, -1, rng.integers(0, N, N * K)).astype(np.int64))
+    src = _rand(cp, rng, (N, D), dtype)
+    assert rel_error(kn.gather_rows(cp, src, rows), kn.ref_gather_rows(cp, src, rows)) == 0.0

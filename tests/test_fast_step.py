@@ -1,0 +1,172 @@
+"""``refmoe.fast.objective_step`` and ``GraphedStep`` against ``refmoe.objective_forward_backward(per_term=False)``:
+float64 to 1e-12 relative, float32 at the tolerance beside each assertion, both presets, both layouts, masks,
+the released grouping, the fallbacks; the fast layer's backward against float64 central differences.
+"""
+import numpy as np
+import pytest
+
+import refmoe
+import refmoe.fast as fast
+from refmoe import MoEConfig, autoscale_weights, gradcheck, init_params, objective_forward_backward
+from refmoe.fast import layer as fl
+from refmoe.gradcheck import rel_error
+
+from helpers import on, routing_key
+
+CONFIGS = [MoEConfig(16, 8, 6, 2, n_shared=1), MoEConfig(12, 5, 5, 3, norm_topk_prob=False),
+           MoEConfig(10, 6, 8, 4, routed_scaling_factor=2.5, n_shared=2)]
+
+
+def _inputs(xp, rng, cfg, dtype=np.float64, N=29):
+    params = init_params(cfg, rng, dtype=dtype, backend="numpy" if xp is np else "cupy")
+    x, dy = (on(xp, rng.standard_normal((N, cfg.d_model)).astype(dtype)) for _ in range(2))
+    return params, x, dy
+
+
+def _objective(preset, x, params, cfg):
+    if preset == "authors_code":
+        return autoscale_weights(x, params, cfg, preset).objective
+    return refmoe.PRESETS[preset].replace(beta=0.1)          # a large L_o share: its gradient shows
+
+
+def _assert_equal(r0, r1, tol):
+    for k in ("aux", "ortho", "var", "regularisers", "total"):
+        assert rel_error(r0.losses[k], r1.losses[k]) <= tol, k
+    assert rel_error(r0.y, r1.y) <= tol
+    g0, g1 = r0.grads["total"], r1.grads["total"]
+    assert set(g0) == set(g1)
+    for k in g0:
+        assert g1[k].dtype == g0[k].dtype and rel_error(g0[k], g1[k]) <= tol, k
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("preset", ["paper", "authors_code"])
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
+def test_step_equals_core(xp, rng, cfg, preset, layout):
+    params, x, dy = _inputs(xp, rng, cfg)
+    obj = _objective(preset, x, params, cfg)
+    r0 = objective_forward_backward(x, params, cfg, dy, obj, per_term=False, batch_shape=(1, 29))
+    r1 = fast.objective_step(x, params, cfg, obj, dy, batch_shape=(1, 29), layout=layout, check=False)
+    assert bool(refmoe.to_numpy(r1.losses["status"]).all())          # the fast numbers themselves
+    _assert_equal(r0, r1, 1e-12)                                       # measured ~2e-16
+
+
+@pytest.mark.parametrize("preset", ["paper", "authors_code"])
+def test_step_float32_equals_core(xp, rng, preset):
+    cfg = CONFIGS[0]
+    params, x, dy = _inputs(xp, rng, cfg, np.float32)
+    obj = _objective(preset, x, params, cfg)
+    r0 = objective_forward_backward(x, params, cfg, dy, obj, per_term=False)
+    r1 = fast.objective_step(x, params, cfg, obj, dy)
+    _assert_equal(r0, r1, 1e-5)                                        # measured ~3e-7
+    assert r1.y.dtype == np.float32 and r1.losses["total"].dtype == np.float32
+
+
+@pytest.mark.parametrize("obj", [
+    refmoe.PRESETS["paper"],
+    refmoe.PRESETS["paper"].replace(aux_variant="paper_eq2", var_variant="row_topk", ortho_variant="span"),
+    refmoe.PRESETS["paper"].replace(aux_variant="gshard_first_choice", var_variant="code"),
+    refmoe.PRESETS["authors_code"].replace(beta=0.2, gamma=0.01, padding="exclude"),
+    refmoe.PRESETS["authors_code"].replace(beta=0.2, gamma=0.01, ortho_released_grouping=True)])
+def test_step_forms_and_masks_equal_core(xp, rng, obj):
+    cfg = CONFIGS[1]
+    params, x, dy = _inputs(xp, rng, cfg, N=24)
+    mask = on(xp, rng.random(24) > 0.3)
+    for valid_mask in (None, mask):
+        r0 = objective_forward_backward(x, params, cfg, dy, obj, per_term=False, valid_mask=valid_mask,
+                                        batch_shape=(2, 12))
+        r1 = fast.objective_step(x, params, cfg, obj, dy, valid_mask=valid_mask, batch_shape=(2, 12))
+        _assert_equal(r0, r1, 1e-12)
+
+
+def test_step_falls_back_where_the_fast_forms_do_not_apply(xp, rng):
+    cfg = CONFIGS[0]
+    params, x, dy = _inputs(xp, rng, cfg, np.float32)
+    obj = refmoe.PRESETS["paper"]
+    r1 = fast.objective_step(1e6 * x, params, cfg, obj, dy, check=False)   # outputs ~1e6: outside PLAIN_RANGE
+    assert not bool(refmoe.to_numpy(r1.losses["status"]).all())
+    r0 = objective_forward_backward(1e6 * x, params, cfg, dy, obj, per_term=False)
+    _assert_equal(r0, fast.objective_step(1e6 * x, params, cfg, obj, dy), 0.0)   # the core's numbers exactly
+    sig = MoEConfig(16, 8, 6, 2, score_function="sigmoid")
+    p2, x2, dy2 = _inputs(xp, rng, sig)
+    assert fl.unsupported(sig) is not None
+    _assert_equal(objective_forward_backward(x2, p2, sig, dy2, obj, per_term=False),
+                  fast.objective_step(x2, p2, sig, obj, dy2), 0.0)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="contains NaN or inf"):      # the core's message
+        fast.objective_step(bad, params, cfg, obj, dy)
+    with pytest.raises(ValueError, match="dy has shape"):
+        fast.objective_step(x, params, cfg, obj, dy[:3])
+
+
+def test_step_capacity_and_cache(xp, rng):
+    cfg = CONFIGS[0]
+    params, x, dy = _inputs(xp, rng, cfg)
+    obj = refmoe.PRESETS["paper"]
+    r0 = fast.objective_step(x, params, cfg, obj, dy)
+    r1 = fast.objective_step(x, params, cfg, obj, dy, layout="padded", capacity=40, keep_cache=False)
+    assert r1.cache is None and r0.cache.expert_out.shape == (29, 2, 16)
+    _assert_equal(r0, r1, 1e-13)                                       # zero rows added: measured 0
+    r2 = fast.objective_step(x, params, cfg, obj, dy, layout="padded", capacity=2, check=False)
+    assert not bool(refmoe.to_numpy(r2.losses["status"])[fast.STATUS.index("capacity_fits")])
+    _assert_equal(r0, fast.objective_step(x, params, cfg, obj, dy, layout="padded", capacity=2), 1e-12)
+
+
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
+def test_fast_layer_finite_differences(xp, rng, layout):
+    cfg = MoEConfig(6, 4, 4, 2, n_shared=1, routed_scaling_factor=1.5)
+    params, x, dy = _inputs(xp, rng, cfg, N=8)
+    d_sc = on(xp, rng.standard_normal((8, 4)))
+    d_eo = on(xp, rng.standard_normal((8, 2, 6)))
+
+    def run(inp):
+        return fl.layer_forward(inp["x"], {k: inp.get(k, v) for k, v in params.items()}, cfg, layout=layout)
+
+    def phi(inp):
+        y, eo, tape = run(inp)
+        return (y * dy).sum() + (tape.scores * d_sc).sum() + (eo * d_eo).sum()
+
+    y, eo, tape = run(dict(params, x=x))
+    grads = fl.layer_backward(dy, eo, tape, d_scores=d_sc, d_expert_out=d_eo)
+    errors = gradcheck.check_vjp(phi, dict(params, x=x), grads, guard=lambda inp: run(inp)[2].topk_idx)
+    assert max(errors.values()) < 1e-7, errors                         # measured ~1e-10
+
+
+def test_step_finite_differences_of_the_total(xp, rng):
+    cfg = MoEConfig(6, 4, 4, 2, n_shared=1)
+    params, x, dy = _inputs(xp, rng, cfg, N=8)
+    for obj in (refmoe.PRESETS["paper"].replace(beta=0.3, alpha=0.2, gamma=0.4),
+                refmoe.PRESETS["authors_code"].replace(beta=0.3, gamma=0.4)):
+        r = fast.objective_step(x, params, cfg, obj, dy, check=False)
+
+        def phi(inp, obj=obj):
+            rr = fast.objective_step(inp["x"], {k: inp.get(k, v) for k, v in params.items()}, cfg, obj, dy)
+            return (rr.y * dy).sum() + rr.losses["regularisers"]
+
+        guard = lambda inp: routing_key(fast.objective_step(                 # noqa: E731
+            inp["x"], {k: inp.get(k, v) for k, v in params.items()}, cfg, obj, dy).cache)
+        errors = gradcheck.check_vjp(phi, dict(params, x=x), r.grads["total"], guard=guard)
+        assert max(errors.values()) < 1e-7, errors                     # measured ~1e-9
+
+
+def test_graphed_step_equals_the_eager_step(xp, rng):
+    cfg = CONFIGS[0]
+    params, x, dy = _inputs(xp, rng, cfg, np.float32, N=64)
+    obj = refmoe.PRESETS["authors_code"].replace(beta=0.1, gamma=0.01)
+    step = fast.GraphedStep(x, params, cfg, obj, dy, batch_shape=(2, 32))
+    if xp is np:
+        assert step.mode == "eager" and "CuPy" in step.reason
+    else:
+        assert step.mode == "graph", step.reason
+    for scale in (1.0, 0.5, 3.0):                                      # new inputs into the same graph
+        x2 = (scale * x).astype(np.float32)
+        r0 = fast.objective_step(x2, params, cfg, obj, dy, batch_shape=(2, 32))
+        r1 = step(x=x2)
+        _assert_equal(r0, r1, 1e-5)                                    # float32: measured ~1e-7 (CuPy: 0)
+    skewed = x.copy()
+    skewed[:] = x[0]                                                   # every token to the same experts
+    r0 = fast.objective_step(skewed, params, cfg, obj, dy, batch_shape=(2, 32))
+    _assert_equal(r0, step(x=skewed), 1e-5)                            # C too small: redone eagerly
+    if xp is not np:
+        assert step.captures == 2 and step.capacity >= 64
