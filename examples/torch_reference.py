@@ -232,6 +232,8 @@ def run_layers_case(arrays: dict, entry: dict, broken: str | None = None) -> dic
 def supports(entry) -> bool:
     if entry.get("system") is not None:         # sys_<S> cases: routers of other systems, not implemented here
         return False
+    if entry.get("world_size") is not None:     # one rank of a data-parallel group: its share needs the others'
+        return False                            # counts (all-reduced), which a one-process run does not have
     var = entry["variants"]
     if entry.get("kind", "layer") == "aux_layers":
         return var["aux"] in LAYER_FORMS
