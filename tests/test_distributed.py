@@ -3,6 +3,9 @@ concatenated batch, float64 central differences of every rank's gradient slice, 
 
 The same computations run under a real MPI engine in tests/test_distributed_mpi.py.
 """
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,9 +13,10 @@ import pytest
 
 import refmoe
 from refmoe import ops
-from refmoe.distributed import (Communicator, NCCLCommunicator, SingleProcess, allreduce_parts, data_parallel_step,
-                                global_mse_backward, global_mse_forward, global_objective_forward,
-                                global_objective_forward_backward, megatron_global_forward, qwen_global_forward)
+from refmoe.distributed import (NCCLCommunicator, SingleProcess, allreduce_parts, data_parallel_step,
+                                global_mse_backward, global_mse_forward, global_objective_backward,
+                                global_objective_forward, global_objective_forward_backward, megatron_global_forward,
+                                qwen_global_forward)
 from refmoe.gradcheck import check_vjp, directional_check, rel_error
 from refmoe.losses import aux_conventions as conv
 from refmoe.losses import aux_loss_forward, aux_loss_totals
@@ -151,7 +155,6 @@ def test_shares_and_slices_equal_the_one_process_run(batch, name, sizes):
         y, gc = global_objective_forward(comm, x[i], params, CFG, obj, valid_mask=mask[i],
                                          batch_shape=_shape(obj, len(i)))
         task, mse = global_mse_forward(y, t[i], gc.n_tokens, mask[i]) if len(i) else (0.0, None)
-        from refmoe.distributed import global_objective_backward
         return global_objective_backward(None if mse is None else global_mse_backward(1.0, mse), gc,
                                          task_loss=np.asarray(task))
 
@@ -235,7 +238,6 @@ def test_slices_by_central_differences(batch, name):
         y, gc = global_objective_forward(comm, x[i], params, CFG, obj, valid_mask=mask[i],
                                          batch_shape=_shape(obj, len(i)))
         mse = global_mse_forward(y, t[i], gc.n_tokens, mask[i])[1] if len(i) else None
-        from refmoe.distributed import global_objective_backward
         return global_objective_backward(None if mse is None else global_mse_backward(1.0, mse), gc)
 
     slices = run_ranks(len(sizes), run_slice)[0][r].grads["total"]
@@ -424,7 +426,7 @@ def test_the_usual_porting_mistakes_give_other_numbers(batch):
     share = lambda tot: sum(float(aux_loss_forward(cache.scores[i], cache.topk_idx[i], "deepseek_batch",
                                                    totals=tot)[0]) for i in parts)
     assert share(summed) == pytest.approx(full, rel=1e-14)
-    assert abs(share(averaged) - full) > 0.1 * full                          # a factor 4 off, not round-off
+    assert share(averaged) == pytest.approx(2 * full, rel=1e-14)             # c / R and N / R: R times the loss
     _, grads, _ = one_process(params, x, t, np.ones(N, bool), refmoe.PRESETS["paper"].replace(alpha=0.0, beta=0.0,
                                                                                              gamma=0.0))
     per_rank = sum(refmoe.objective_forward_backward(x[i], params, CFG, 2 * (refmoe.moe_forward(x[i], params, CFG)[0]
@@ -447,3 +449,12 @@ def test_totals_are_checked():
     with pytest.raises(ValueError, match="every token as padding"):
         aux_loss_forward(s, idx, "switch", valid_mask=zero)              # without global totals: undefined
     assert float(aux_loss_forward(s, idx, "switch", valid_mask=zero, totals=np.ones(E + 1))[0]) == 0.0
+
+
+def test_importing_refmoe_distributed_loads_no_engine():
+    """mpi4py and cupyx.distributed are imported when a communicator on them is made, never before."""
+    code = ("import sys, refmoe, refmoe.distributed, refmoe.golden; "
+            "print(sorted(m for m in ('mpi4py', 'cupyx', 'cupyx.distributed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "REFMOE_BACKEND": "numpy"}).stdout.strip()
+    assert out == "[]"

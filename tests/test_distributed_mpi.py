@@ -3,7 +3,8 @@
 Each run checks, on rank 0, every rank's shares and slices and the all-reduced gradients of the data-parallel step
 against the one-process run on the concatenated batch (float64 to 1e-12), that every rank holds the same bits
 of the gradients, and writes each rank's dump of the golden ``dist_*_r<R>`` cases, which ``check_dump`` compares
-here. Skipped, with the reason, without mpi4py or an ``mpiexec`` (``pip install mpi4py mpich``).
+here. Skipped, with the reason, without mpi4py or an ``mpiexec`` (``pip install mpi4py mpich``), unless
+``REFMOE_REQUIRE_MPI=1`` (set by .ci/run, which installs them), which makes that a failure.
 
 MPICH from the ``mpich`` wheel runs on one host without a network: its ranks talk through shared memory; the
 launcher sets ``UCX_TLS=self,sm`` (UCX's shared-memory and self transports only) unless it is set already, so no
@@ -34,10 +35,13 @@ def mpiexec():
 
 MISSING = ("mpi4py is not installed" if importlib.util.find_spec("mpi4py") is None
            else "no mpiexec beside this Python or on PATH" if mpiexec() is None else None)
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"{MISSING} (pip install mpi4py mpich)")
+REQUIRED = os.environ.get("REFMOE_REQUIRE_MPI") == "1"      # .ci/run: a missing MPI fails instead of skipping
+pytestmark = pytest.mark.skipif(MISSING is not None and not REQUIRED, reason=f"{MISSING} (pip install mpi4py mpich)")
 
 
 def run_worker(size: int, *args):
+    if MISSING is not None:
+        pytest.fail(f"REFMOE_REQUIRE_MPI=1 but {MISSING}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     env.setdefault("UCX_TLS", "self,sm")
