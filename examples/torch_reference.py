@@ -289,7 +289,9 @@ def run(golden_dir, dump_dir, cases=None, broken: str | None = None) -> list:
     for name in cases or sorted(manifest["cases"]):
         entry = manifest["cases"][name]
         if not supports(entry):
-            print(f"skip {name}: variants {entry['variants']} not implemented here")
+            why = ("a rank of a data-parallel group" if entry.get("world_size") is not None
+                   else f"variants {entry['variants']} not implemented here")
+            print(f"skip {name}: {why}")
             continue
         # the manifest does not choose paths: <case>.npz in each directory, never through a symlink
         source, target = (os.path.join(d, plain_name(name) + ".npz") for d in (golden_dir, dump_dir))
