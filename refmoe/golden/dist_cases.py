@@ -187,7 +187,8 @@ def _global_keys(obj: Objective, totals: dict) -> dict:
 def dump_rank(comm, entry: dict, arrays: dict) -> dict:
     """This rank's dump of a per-rank case, computed through ``comm`` (a ``refmoe.distributed`` Communicator of
     ``entry["world_size"]`` ranks, this one being ``entry["rank"]``) from the fixture's inputs and parameters;
-    the keys of the fixture's outputs. This is what a distributed implementation does for ``golden check``."""
+    the keys of the fixture's outputs. This is what a distributed implementation does for ``golden check``.
+    The arrays stay NumPy (as loaded): ``comm`` must move NumPy arrays (SingleProcess, MPICommunicator)."""
     from ..distributed import (global_objective_backward, global_objective_forward, megatron_global_forward,
                                qwen_global_forward)
     from ..distributed.conventions import global_counts
