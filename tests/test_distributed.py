@@ -222,7 +222,7 @@ def _global_total(params_of, x_of, t, mask, parts, obj):
     return sum(s for s, _ in results), np.concatenate([k for _, k in results])
 
 
-@pytest.mark.parametrize("name", ["paper", "megatron", "seq"])
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_slices_by_central_differences(batch, name):
     """Rank 2's slice (x and its replica of every parameter) against float64 central differences of the
     global objective with the other ranks held fixed; a correct slice gives ~1e-9, a per-rank normalisation
@@ -254,7 +254,7 @@ def test_slices_by_central_differences(batch, name):
                                       xs[:r] + [inp["x"]], t, mask, parts, obj)[1]
     inputs = {"x": xs[r], "w_router": params["w_router"]}
     errs = check_vjp(f, inputs, {k: slices[k] for k in inputs}, guard=guard)
-    assert_all_below(errs)                                   # measured 2e-10 (x) to 3e-9 (w_router)
+    assert_all_below(errs)                                   # measured 2e-10 to 6e-10 (x), 1e-9 to 3e-9 (w_router)
     all_inputs = {"x": xs[r], **params}
     err = directional_check(f, all_inputs, {k: slices[k] for k in all_inputs}, np.random.default_rng(1), guard=guard)
     assert err < FD_TOL, err                                 # measured 2e-10 to 2e-9
