@@ -232,6 +232,8 @@ def run_layers_case(arrays: dict, entry: dict, broken: str | None = None) -> dic
 def supports(entry) -> bool:
     if entry.get("system") is not None:         # sys_<S> cases: routers of other systems, not implemented here
         return False
+    if entry.get("world_size") is not None:     # one rank of a data-parallel group: its share needs the others'
+        return False                            # counts (all-reduced), which a one-process run does not have
     var = entry["variants"]
     if entry.get("kind", "layer") == "aux_layers":
         return var["aux"] in LAYER_FORMS
@@ -287,7 +289,9 @@ def run(golden_dir, dump_dir, cases=None, broken: str | None = None) -> list:
     for name in cases or sorted(manifest["cases"]):
         entry = manifest["cases"][name]
         if not supports(entry):
-            print(f"skip {name}: variants {entry['variants']} not implemented here")
+            why = ("a rank of a data-parallel group" if entry.get("world_size") is not None
+                   else f"variants {entry['variants']} not implemented here")
+            print(f"skip {name}: {why}")
             continue
         # the manifest does not choose paths: <case>.npz in each directory, never through a symlink
         source, target = (os.path.join(d, plain_name(name) + ".npz") for d in (golden_dir, dump_dir))

@@ -59,8 +59,12 @@ def check_topk(topk_idx, n_tokens: int, n_experts: int, xp):
         raise ValueError("topk_idx repeats an expert within a row")
 
 
-def check_mask(valid_mask, n_tokens: int, xp):
-    """valid_mask: [N] bool, True = real token, False = padding. Returns the mask, or None."""
+def check_mask(valid_mask, n_tokens: int, xp, *, allow_all_padding: bool = False):
+    """valid_mask: [N] bool, True = real token, False = padding. Returns the mask, or None.
+
+    A mask with no real token is refused (the loss of such a batch is undefined) unless ``allow_all_padding``:
+    one rank of a data-parallel group may hold only padding when the global batch's counts are given.
+    """
     if valid_mask is None:
         return None
     array_namespace(valid_mask, xp.zeros(0))
@@ -68,9 +72,23 @@ def check_mask(valid_mask, n_tokens: int, xp):
         raise TypeError(f"valid_mask must be bool (True = real token), got {valid_mask.dtype}")
     if tuple(valid_mask.shape) != (n_tokens,):
         raise ValueError(f"valid_mask must have shape ({n_tokens},), got {tuple(valid_mask.shape)}")
-    if not bool(valid_mask.any()):
+    if not allow_all_padding and not bool(valid_mask.any()):
         raise ValueError("valid_mask marks every token as padding; the loss is undefined")
     return valid_mask
+
+
+def check_totals(totals, shape, xp, what: str):
+    """totals: the batch-wide sums of a loss form over a whole global batch, a finite array of ``shape`` whose
+    last entry (a number of tokens or sequences) is > 0. ``what`` names the function that computes them."""
+    array_namespace(totals, xp.zeros(0))
+    if tuple(totals.shape) != tuple(shape):
+        raise ValueError(f"totals must have shape {tuple(shape)} (what {what} returns for this form), "
+                         f"got {tuple(totals.shape)}")
+    if totals.dtype.kind != "f" or not bool(xp.isfinite(totals).all()):
+        raise ValueError("totals must be finite floats")
+    if totals.size and not bool(totals[-1] > 0):
+        raise ValueError("totals count no valid token (or sequence) in the whole global batch; the loss is undefined")
+    return totals
 
 
 def mask_weights(mask, n_tokens: int, dtype, xp):

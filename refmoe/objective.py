@@ -259,15 +259,19 @@ def objective_forward(x, params: dict, cfg: MoEConfig, objective="paper", *, val
     return y, ObjectiveCache(obj, y, cache, values, {t: c for t, (_, c) in terms.items()})
 
 
-def regularisers_forward(cache: MoECache, forms: dict, *, valid_mask=None, batch_shape=None, ortho_eps=None) -> dict:
+def regularisers_forward(cache: MoECache, forms: dict, *, valid_mask=None, batch_shape=None, ortho_eps=None,
+                         totals=None) -> dict:
     """term -> (value, TermCache) for each (term, form) of ``forms`` on the layer's cache.
 
     batch_shape (B, T) tiles the N tokens (token i = b*T + t for every form but ``megatron_seq``, i = t*B + b);
     None is one sequence, (1, N).
+    totals      None, or term -> the term's sums over a global batch (``refmoe.losses.term_totals`` summed over
+                the ranks of a data-parallel group): each value is then this batch's share (``refmoe.distributed``)
     """
     batch_shape = resolve_batch_shape(batch_shape, cache.x.shape[0])
+    totals = {} if totals is None else totals
     return {term: term_forward(term, form, cache, valid_mask=valid_mask, batch_shape=batch_shape,
-                               eps=ortho_eps if term == "ortho" else None)
+                               eps=ortho_eps if term == "ortho" else None, totals=totals.get(term))
             for term, form in forms.items()}
 
 

@@ -24,9 +24,10 @@ def test_torch_reference_passes_every_case(reference, golden, tmp_path):
     done = reference.run(golden, str(tmp_path))
     cases = {n: e for n, e in load_manifest(golden)["cases"].items() if reference.supports(e)}
     assert sorted(done) == sorted(cases)
-    # the whole grid but the sys_<S> cases (other routers) and the two megatron-core 0.16.1 conventions
+    # the whole grid but the sys_<S> cases (other routers), the per-rank dist_* cases (a rank's share needs the
+    # group's all-reduced counts) and the two megatron-core 0.16.1 conventions
     assert {n for n in load_manifest(golden)["cases"] if n not in cases} == (
-        {n for n in load_manifest(golden)["cases"] if n.startswith("sys_")}
+        {n for n in load_manifest(golden)["cases"] if n.startswith(("sys_", "dist_"))}
         | {"conv_megatron_seq_valid_over_b", "conv_megatron_global_accumulated"})
     report = check_dump(golden, str(tmp_path), cases=sorted(cases), require_all=True)
     assert report.ok, report.format()

@@ -60,6 +60,7 @@ class CaseSpec:
     micro_batches: tuple = ()            # aux_layers, megatron_global: sizes of the micro-batches
     system: str | None = None            # a preset of refmoe.systems: the layer and its losses as S builds them
     system_overrides: tuple = ()         # system: (field, value) pairs replacing preset fields (e.g. n_group)
+    rank: int | None = None              # a per-rank case (dist_cases): this rank of the micro_batches ranks
 
     @property
     def n_tokens(self) -> int:
@@ -155,6 +156,10 @@ def resolve_preset(spec: CaseSpec) -> CaseSpec:
 
 def compute_case(spec: CaseSpec, backend: str = "numpy") -> dict:
     """All arrays of a case (host NumPy, the case's dtype), keyed as in ``refmoe.golden.format``."""
+    if spec.rank is not None:
+        from .dist_cases import compute_dist_case
+
+        return compute_dist_case(spec, backend)
     if spec.kind == "aux_layers":
         from .conventions import compute_convention_case
 

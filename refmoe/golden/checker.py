@@ -30,9 +30,9 @@ TERMS = ("task", "aux", "ortho", "var", "z")     # what --terms accepts (z: the 
 # out). None: every inter/ key, since <dy, y> and its gradient run through the whole layer.
 TERM_INTERMEDIATES = {
     "task": None,
-    "aux": ("inter/scores", "inter/topk_idx"),
-    "ortho": ("inter/expert_out", "inter/topk_idx"),
-    "var": ("inter/scores", "inter/topk_idx"),
+    "aux": ("inter/scores", "inter/topk_idx", "inter/global_counts", "inter/global_tokens"),
+    "ortho": ("inter/expert_out", "inter/topk_idx", "inter/global_tokens"),
+    "var": ("inter/scores", "inter/topk_idx", "inter/global_tokens", "inter/global_score_sums"),
     "z": ("inter/logits",),
 }
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..systems import SYSTEMS
 from .cases import AUX_FORMS, CaseSpec
+from .dist_cases import dist_cases
 from .systems_cases import system_terms
 
 BASE = CaseSpec(name="base", description="E=4, K=2, D=6, H=5, N=8 as (B, T) = (2, 4); switch + pairwise + paper")
@@ -62,7 +63,7 @@ def default_cases() -> list:
                                    "running mean of the counts of 1..m and its own valid token count; "
                                    "loss/aux_pieces holds each micro-batch's loss, loss/aux their sum"),
     ]
-    return cases + system_cases()
+    return cases + system_cases() + dist_cases()
 
 
 # the small shapes of a system case; groups need E divisible by n_group with more groups than topk_group

@@ -10,6 +10,7 @@ from ..backend import backend_name
 from . import format as fmt
 from . import trust
 from .cases import CaseSpec, compute_case, resolve_preset
+from .dist_cases import dist_entry
 from .grid import select
 from .systems_cases import system_terms, system_tolerance
 
@@ -22,7 +23,7 @@ def case_entry(spec: CaseSpec, arrays: dict, digest: str) -> dict:
     config_fields = ("d_model", "d_hidden", "n_experts", "top_k", "n_shared", "norm_topk_prob")
     if spec.kind == "aux_layers":
         config_fields = ("n_experts", "top_k", "n_layers")
-    return {
+    entry = {
         "kind": spec.kind,
         "micro_batches": list(spec.micro_batches),
         "file": f"{spec.name}.npz",
@@ -46,6 +47,7 @@ def case_entry(spec: CaseSpec, arrays: dict, digest: str) -> dict:
         "terms": sorted({k.split("/")[1] for k in arrays if k.startswith("grad/")}),
         "keys": fmt.key_specs(arrays),
     }
+    return entry if spec.rank is None else dist_entry(spec, entry)
 
 
 def system_entry(spec: CaseSpec, arrays: dict, digest: str) -> dict:

@@ -18,11 +18,15 @@ Several layers: a function of a list of per-layer ``(scores, topk_idx)``
     hf_mixtral            HF ``load_balancing_loss_func`` (Mixtral, Qwen2/3-MoE, OLMoE): the layers are
                           concatenated along tokens FIRST, then E sum_{k,j} f_kj Pbar_j over the L*N rows,
                           f_kj = fraction of rows with expert j in slot k. Balanced value K (the "xK").
+                          With ``global_counts`` (counts and token count of a whole global batch, each part's
+                          own scores): Qwen's global-batch balancing loss, whose parts add up to the
+                          concatenated batch's loss.
     megatron              per layer, summed over layers; ``scope`` is "micro_batch" (E/(K T^2) sum_j
                           (sum_t s_tj) c_j, balanced 1 per layer), "seq" (megatron_seq per layer) or
                           "global" (counts c_j and token count taken over the whole global batch, scores
                           summed over this micro-batch only, so the per-micro-batch pieces add up exactly
-                          to the global-batch loss; see :func:`megatron_global_counts`), or
+                          to the global-batch loss; see :func:`megatron_global_counts`, and
+                          :func:`part_counts` for one part's counts, which a data-parallel group sums), or
                           "seq_valid_over_b" (megatron_seq normalised as megatron-core 0.16.1 does with a
                           padding mask: every sequence by (valid tokens of the micro-batch) / B, not by its
                           own valid length; without a mask the same as "seq"; docs/spec.md 6.4 item 1).
@@ -79,24 +83,34 @@ def _check_layers(layers):
     return shape
 
 
-def hf_mixtral_forward(layers, *, valid_mask=None):
+def hf_mixtral_forward(layers, *, valid_mask=None, global_counts=None):
     r"""HF Mixtral-family balancing loss over L layers concatenated along tokens.
 
     .. math:: L = E \sum_{k,j} f_{kj} \bar P_j,\quad f_{kj} = \frac{1}{L N}\sum_{l,t}[T_{lt,k} = j],\quad
               \bar P_j = \frac{1}{L N}\sum_{l,t} s^{(l)}_{tj}
 
     Summing f over the K slots gives c_j / (L N): this is ``switch`` on the concatenated [L*N, E] scores.
-    layers      list of L pairs (scores [N, E], topk_idx [N, K])
-    valid_mask  optional [N] bool (True = real token), applied to every layer
+    layers         list of L pairs (scores [N, E], topk_idx [N, K])
+    valid_mask     optional [N] bool (True = real token), applied to every layer
+    global_counts  None, or the counts and token count of a whole global batch (:func:`megatron_global_counts`
+                   over its parts, or summed over data-parallel ranks): c_j = sum_l c^g_lj and N = N_g in f and
+                   Pbar, scores of this part only (Qwen's global-batch balancing loss); the parts' values add up
+                   to the loss of the concatenated batch, and this part may be all padding
     Balanced value K. Returns (loss, LayersCache).
     """
     (N, E), K = _check_layers(layers)
     xp = array_namespace(*[s for s, _ in layers])
     scores = xp.concatenate([s for s, _ in layers], axis=0)                  # [L*N, E]
     topk_idx = xp.concatenate([i for _, i in layers], axis=0)                # [L*N, K]
-    mask = check_mask(valid_mask, N, xp)
+    mask = check_mask(valid_mask, N, xp, allow_all_padding=global_counts is not None)
     tiled = None if mask is None else xp.concatenate([mask] * len(layers))   # [L*N]
-    loss, cache = aux_loss_forward(scores, topk_idx, "switch", valid_mask=tiled)
+    totals = None
+    if global_counts is not None:                                            # [E + 1] sums over the global batch
+        _check_global_counts(global_counts, len(layers), E, K)
+        counts = sum(global_counts.counts[1:], global_counts.counts[0])      # [E] summed over the layers
+        rows = len(layers) * xp.asarray(global_counts.n_tokens).reshape(1)   # L N_g rows
+        totals = xp.concatenate([counts, rows]).astype(xp.float64)
+    loss, cache = aux_loss_forward(scores, topk_idx, "switch", valid_mask=tiled, totals=totals)
     return loss, LayersCache((cache._replace(variant="hf_mixtral"),), len(layers), N, True)
 
 
@@ -106,11 +120,27 @@ class GlobalCounts(NamedTuple):
     top_k: int
 
 
+def part_counts(layers, valid_mask=None) -> GlobalCounts:
+    """The counts c_j per layer and the valid token count of ONE part of a global batch (a micro-batch, or a
+    data-parallel rank's batch), which may be all padding (then every count is 0).
+
+    layers      list over layers of (scores [N, E], topk_idx [N, K])
+    valid_mask  optional [N] bool (True = real token)
+    """
+    (N, E), K = _check_layers(layers)
+    xp = array_namespace(layers[0][0])
+    mask = check_mask(valid_mask, N, xp, allow_all_padding=True)
+    valid = mask_weights(mask, N, layers[0][0].dtype, xp)
+    counts = [(valid[:, None] * routing_map(idx, E, s.dtype, xp)).sum(axis=0) for s, idx in layers]   # L x [E]
+    return GlobalCounts(tuple(counts), valid.sum(), K)
+
+
 def megatron_global_counts(micro_batches, valid_masks=None) -> GlobalCounts:
     """Counts c_j per layer and the token count over a global batch made of several micro-batches.
 
     micro_batches  list over micro-batches of lists over layers of (scores, topk_idx)
     valid_masks    optional list (one per micro-batch) of [N_m] bool masks or None
+    A micro-batch may be all padding; the global batch may not.
     """
     if not isinstance(micro_batches, (list, tuple)) or len(micro_batches) == 0:
         raise ValueError("micro_batches must be a non-empty list of per-layer lists")
@@ -119,18 +149,26 @@ def megatron_global_counts(micro_batches, valid_masks=None) -> GlobalCounts:
     if len(valid_masks) != len(micro_batches):
         raise ValueError(f"{len(valid_masks)} masks for {len(micro_batches)} micro-batches")
     counts, n_tokens, ref = None, 0, None
-    for m, layers in enumerate(micro_batches):
-        (N, E), K = _check_layers(layers)
-        if ref is not None and (E, K, len(layers)) != ref:
-            raise ValueError(f"micro-batch {m} has (E, K, L) = {(E, K, len(layers))}, micro-batch 0 has {ref}")
-        ref = (E, K, len(layers))
-        xp = array_namespace(layers[0][0])
-        mask = check_mask(valid_masks[m], N, xp)
-        valid = mask_weights(mask, N, layers[0][0].dtype, xp)
-        here = [(valid[:, None] * routing_map(idx, E, s.dtype, xp)).sum(axis=0) for s, idx in layers]   # L x [E]
-        counts = here if counts is None else [a + b for a, b in zip(counts, here)]
-        n_tokens = n_tokens + valid.sum()
+    for m, (layers, mask) in enumerate(zip(micro_batches, valid_masks)):
+        here = part_counts(layers, mask)
+        shape = (here.counts[0].shape[0], here.top_k, len(layers))
+        if ref is not None and shape != ref:
+            raise ValueError(f"micro-batch {m} has (E, K, L) = {shape}, micro-batch 0 has {ref}")
+        ref = shape
+        counts = here.counts if counts is None else [a + b for a, b in zip(counts, here.counts)]
+        n_tokens = n_tokens + here.n_tokens
+    if not float(n_tokens) > 0:
+        raise ValueError("valid_masks mark every token of every micro-batch as padding; the loss is undefined")
     return GlobalCounts(tuple(counts), n_tokens, ref[1])
+
+
+def _check_global_counts(stats: GlobalCounts, n_layers: int, n_experts: int, top_k: int):
+    if len(stats.counts) != n_layers or stats.top_k != top_k or \
+            any(tuple(c.shape) != (n_experts,) for c in stats.counts):
+        raise ValueError(f"global counts are for L = {len(stats.counts)} layers of (E, K) = "
+                         f"{(stats.counts[0].shape[0], stats.top_k)}, the layers are {n_layers} of {(n_experts, top_k)}")
+    if not float(stats.n_tokens) > 0:
+        raise ValueError("global counts hold no valid token; the loss is undefined")
 
 
 def _global_layer(scores, topk_idx, mask, stats: GlobalCounts, layer: int):
@@ -186,9 +224,11 @@ def megatron_forward(layers, scope: str = "micro_batch", *, valid_mask=None, bat
         raise ValueError(f"scope={scope!r}; expected one of {MEGATRON_SCOPES}")
     (N, E), K = _check_layers(layers)
     xp = array_namespace(layers[0][0])
-    mask = check_mask(valid_mask, N, xp)
+    mask = check_mask(valid_mask, N, xp, allow_all_padding=scope == "global" and global_counts is not None)
     if scope == "global" and global_counts is None:
         global_counts = megatron_global_counts([layers], [valid_mask])
+    if scope == "global":
+        _check_global_counts(global_counts, len(layers), E, K)
     total, caches = 0, []
     for l, (scores, topk_idx) in enumerate(layers):
         if scope == "global":

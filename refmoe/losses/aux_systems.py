@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from .. import ops
 from ..checks import all_finite, check_scores, check_topk, not_finite_error
-from .aux import AuxCache, aux_loss_backward, aux_loss_forward
+from .aux import AuxCache, aux_loss_backward, aux_loss_forward, aux_loss_totals
 
 
 # each system form is a form of refmoe.losses.aux applied with the counts of a plain top-k of the scores
@@ -47,13 +47,27 @@ class SystemAuxCache(NamedTuple):
     form: str
 
 
-def system_aux_forward(scores, topk_idx, form: str, *, valid_mask=None, batch_shape=None):
+def system_aux_totals(scores, topk_idx, form: str, *, valid_mask=None, batch_shape=None):
+    """The sums over this batch that the form's weights read (``aux_loss_totals`` of its aux form, with the counts
+    of the plain top-k of P); summed over a data-parallel group they give ``system_aux_forward(..., totals=)``:
+    ``megatron_aux`` then is Megatron-Core's ``global_aux_loss`` share of one rank in one step."""
+    if form not in SYSTEM_AUX_FORMS:
+        raise ValueError(f"form={form!r}; expected one of {sorted(SYSTEM_AUX_FORMS)}")
+    xp = check_scores(scores)
+    check_topk(topk_idx, scores.shape[0], scores.shape[1], xp)
+    plain_idx = ops.topk_indices(scores, topk_idx.shape[1])                        # [N, K]
+    return aux_loss_totals(scores, plain_idx, SYSTEM_AUX_FORMS[form], valid_mask=valid_mask,
+                           batch_shape=batch_shape)
+
+
+def system_aux_forward(scores, topk_idx, form: str, *, valid_mask=None, batch_shape=None, totals=None):
     """L from the layer's scores P [N, E] (``MoECache.scores``, rows summing to 1) and its top-k [N, K] (only K
     is read from it: the counts come from a plain top-k of P).
 
     form         one of SYSTEM_AUX_FORMS (module docstring)
     valid_mask   optional [N] bool, True = real token; padding leaves counts and means
     batch_shape  (B, T), needed by megatron_seq_aux (tokens i = t*B + b)
+    totals       None, or :func:`system_aux_totals` summed over the ranks of a data-parallel group
     Returns (loss, SystemAuxCache); loss is a 0-d array in the scores' dtype.
     """
     if form not in SYSTEM_AUX_FORMS:
@@ -65,7 +79,7 @@ def system_aux_forward(scores, topk_idx, form: str, *, valid_mask=None, batch_sh
         raise ValueError(f"form={form!r} needs batch_shape=(B, T)")
     plain_idx = ops.topk_indices(scores, topk_idx.shape[1])                        # [N, K] no bias/groups/drops
     loss, aux = aux_loss_forward(scores, plain_idx, SYSTEM_AUX_FORMS[form], valid_mask=valid_mask,
-                                 batch_shape=batch_shape)
+                                 batch_shape=batch_shape, totals=totals)
     if not all_finite(xp, loss):
         raise not_finite_error(f"balancing loss {form} = {float(loss)}", {"scores": scores}, scores.dtype)
     return loss, SystemAuxCache(aux, plain_idx, form)

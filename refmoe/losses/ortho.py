@@ -38,6 +38,10 @@ Variants (``theory/losses.md`` derives each backward):
 for ``span_code_grouping`` the padding rows are removed before the regrouping (the released code has no
 mask: pass None to reproduce it). K = 1 gives 0 with a zero gradient in every form.
 
+Global batch (data parallelism): ``pairwise`` is a plain sum over tokens, so the ranks' values add up to the
+concatenated batch's as they are; ``span`` divides by K N, with N the global token count when ``totals``
+(:func:`ortho_loss_totals` summed over the ranks) is given; ``span_code_grouping`` has no share per rank.
+
 Numerics: ``pairwise`` writes each slot as x_k = 2^{e_k} b_k (max |b_k| in [1/2, 1), an exact rescaling) and
 forms every term and gradient coefficient from the b's, putting the scale back with ``ldexp`` once; the
 numbers are bitwise those of the direct formula wherever that one is finite, and they stay finite down to
@@ -51,7 +55,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import array_namespace
-from ..checks import all_finite, check_dloss, check_float_array, check_mask, check_topk, mask_weights, not_finite_error
+from ..checks import (all_finite, check_dloss, check_float_array, check_mask, check_topk, check_totals, mask_weights,
+                      not_finite_error)
 from .ortho_span import span_backward, span_per_token
 
 class OrthoVariant(NamedTuple):
@@ -231,13 +236,37 @@ def _grouped(A, order):
 # forward / backward
 # ----------------------------------------------------------------------------------------------
 
-def ortho_loss_forward(expert_out, variant: str = "pairwise", *, eps=None, topk_idx=None, valid_mask=None):
+NO_SHARE_PER_RANK = ("ortho variant 'span_code_grouping' groups the rows of its own batch expert-major; on a "
+                     "concatenated batch the groups mix the parts' rows, so it has no share per rank "
+                     "(use 'span' or 'pairwise' in a data-parallel group)")
+
+
+def ortho_loss_totals(expert_out, variant: str = "pairwise", *, valid_mask=None):
+    """The sums over this batch that ``variant`` normalises by, a float64 array on the input's backend:
+    ``pairwise`` none ([0]: a plain sum over tokens, so the shares of a data-parallel group add up with no
+    communication), ``span`` [1], the number of valid tokens N (it divides by K N). ``span_code_grouping`` has
+    none: it groups the rows of one batch expert-major, and the groups of a concatenated batch mix the rows
+    of its parts, so its value is not a sum of per-part values (ValueError)."""
+    if variant == "span_code_grouping":
+        raise ValueError(NO_SHARE_PER_RANK)
+    if variant not in ORTHO_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not an L_o form; expected one of {list(ORTHO_VARIANTS)}")
+    xp = check_float_array(expert_out, "expert_out", "[N, K, D]")
+    mask = check_mask(valid_mask, expert_out.shape[0], xp, allow_all_padding=True)
+    valid = mask_weights(mask, expert_out.shape[0], np.float64, xp)            # [N]
+    return valid.sum().reshape(1) if variant == "span" else xp.zeros(0, dtype=np.float64)
+
+
+def ortho_loss_forward(expert_out, variant: str = "pairwise", *, eps=None, topk_idx=None, valid_mask=None,
+                       totals=None):
     """L_o of the unweighted expert outputs ``expert_out`` [N, K, D] (``MoECache.expert_out``).
 
     variant     one of ORTHO_VARIANTS (see the module docstring)
     eps         None for the variant's default (ORTHO_VARIANTS: pairwise 1e-12, span forms 1e-6); else >= 0
     topk_idx    [N, K] expert ids (``MoECache.topk_idx``); required by ``span_code_grouping`` only
     valid_mask  optional [N] bool, True = real token
+    totals      None, or :func:`ortho_loss_totals` summed over the ranks of a data-parallel group: the loss is
+                then this batch's share of the concatenated batch's (this batch may be all padding)
     Returns (loss, cache); loss is a 0-d array on the input's backend and dtype.
     Numerics: ``pairwise`` is computed on power-of-two normalised slots (no over- or underflow short of the
     value's own); a value that still overflows raises ValueError naming ``expert_out``.
@@ -257,9 +286,15 @@ def ortho_loss_forward(expert_out, variant: str = "pairwise", *, eps=None, topk_
         check_topk(topk_idx, N, max(K, int(topk_idx.max()) + 1), xp)
     elif variant == "span_code_grouping":
         raise ValueError("variant='span_code_grouping' needs topk_idx (the layer's MoECache.topk_idx)")
-    mask = check_mask(valid_mask, N, xp)
+    mask = check_mask(valid_mask, N, xp, allow_all_padding=totals is not None)
     valid = mask_weights(mask, N, expert_out.dtype, xp)                        # [N]
     n_valid = valid.sum()
+    if totals is not None:
+        if variant == "span_code_grouping":
+            raise ValueError(NO_SHARE_PER_RANK)
+        totals = check_totals(totals, (1,) if variant == "span" else (0,), xp, "ortho_loss_totals")
+        if variant == "span":
+            n_valid = totals[0].astype(expert_out.dtype)         # the global batch's token count
 
     order = None
     if variant == "pairwise":

@@ -28,6 +28,14 @@ Variants (``theory/losses.md`` has the derivations and the definitions they foll
 valid tokens. The released code has no mask (it averages over padding too): pass ``valid_mask=None`` to
 reproduce it.
 
+Global batch (data parallelism): every form reads the batch through sums over its tokens, the ``totals``
+of :func:`var_loss_totals` (the number of valid tokens N; for ``paper`` also the column sums of S, from which
+sbar_j comes). Passed summed over the ranks, they make each rank's loss its share of the loss of the
+concatenated batch and d_scores that loss's gradient on the rank's scores. For ``paper`` this is not the
+gradient of the rank's share alone: sbar_j depends on every rank's scores, and its terms cancel only in the
+sum over the whole batch (the global deviations sum to zero), which leaves -(2/E)(s_ij - sbar_j) with the
+global sbar_j.
+
 The backward returns ``d_scores`` [N, E] on the full softmax; for ``paper`` and ``row_topk`` it goes through
 the renormalisation S(P, T) with the top-k sets T held fixed (they are piecewise constant: zero gradient).
 
@@ -43,7 +51,8 @@ import numpy as np
 
 from .. import ops
 from ..backend import array_namespace
-from ..checks import all_finite, check_dloss, check_mask, check_scores, check_topk, mask_weights, not_finite_error
+from ..checks import (all_finite, check_dloss, check_mask, check_scores, check_topk, check_totals, mask_weights,
+                      not_finite_error)
 
 class VarCache(NamedTuple):
     variant: str
@@ -55,18 +64,25 @@ class VarCache(NamedTuple):
 # the three forms: each returns (loss, dloss/dQ) with Q the tensor the form reads
 # ----------------------------------------------------------------------------------------------
 
-def _paper(S, valid, n_valid):
+def column_sums(S, valid):
+    """[E] sum over valid tokens of S [N, E], accumulated in float64."""
+    return (valid[:, None] * S).sum(axis=0, dtype=np.float64)
+
+
+def _paper(S, valid, n_valid, sums=None):
     """Numerics: the column sums over N tokens accumulate in float64 (a float32 axis-0 sum is sequential:
-    its error grows like N and, for near-identical tokens, swamps the deviations), then round to S's dtype."""
+    its error grows like N and, for near-identical tokens, swamps the deviations), then round to S's dtype.
+    ``sums`` [E] and ``n_valid``: the global batch's when given (then sbar_j is the global column mean)."""
     E = S.shape[1]
-    sums = (valid[:, None] * S).sum(axis=0, dtype=np.float64)   # [E]   float64 accumulation
+    if sums is None:
+        sums = column_sums(S, valid)                            # [E]   float64 accumulation
     sbar = (sums / n_valid.astype(np.float64)).astype(S.dtype)  # [E]   column means over valid tokens
     dev = valid[:, None] * (S - sbar[None, :])                   # [N, E] two-pass: centre first
     loss = -(dev * dev).sum() / E
     return loss, (-2.0 / E) * dev                                # mean-dependence terms sum to zero
 
 
-def _code(P, valid, n_valid):
+def _code(P, valid, n_valid, sums=None):
     E = P.shape[1]
     pbar = P.mean(axis=1, keepdims=True)                         # [N, 1] row means
     dev = P - pbar                                               # [N, E]
@@ -75,7 +91,7 @@ def _code(P, valid, n_valid):
     return loss, (-2.0 / (E - 1)) * (valid / n_valid)[:, None] * dev
 
 
-def _row_topk(s_sel, valid, n_valid):
+def _row_topk(s_sel, valid, n_valid, sums=None):
     K = s_sel.shape[1]
     m = s_sel.mean(axis=1, keepdims=True)                        # [N, 1]
     dev = s_sel - m                                              # [N, K]
@@ -85,7 +101,7 @@ def _row_topk(s_sel, valid, n_valid):
 
 
 class VarVariant(NamedTuple):
-    loss: object            # (Q, valid [N], n_valid) -> (loss, dloss/dQ)
+    loss: object            # (Q, valid [N], n_valid, sums [E] or None) -> (loss, dloss/dQ)
     reads: str              # Q: "P" the full softmax [N, E], "S" the post-top-k matrix [N, E], "s_sel" its [N, K]
 
 
@@ -100,25 +116,17 @@ VAR_VARIANTS: dict[str, VarVariant] = {
 # forward / backward
 # ----------------------------------------------------------------------------------------------
 
-def var_loss_forward(scores, topk_idx, variant: str = "paper", *, valid_mask=None):
-    """L_v from the layer's softmax scores [N, E] and top-k indices [N, K] (both from ``MoECache``).
-
-    variant     one of VAR_VARIANTS (see the module docstring)
-    valid_mask  optional [N] bool, True = real token; padding is excluded from every sum and mean
-    Returns (loss, cache); loss is a 0-d array on the scores' backend and dtype (minus a variance).
-    ``topk_idx`` is checked for every variant, though ``code`` does not read it.
-    """
+def _var_inputs(scores, topk_idx, variant, valid_mask, allow_all_padding):
+    """(valid [N], q, topk_cache) of a form on one batch, after the checks."""
     if variant not in VAR_VARIANTS:
         raise ValueError(f"variant={variant!r} is not an L_v form; expected one of {list(VAR_VARIANTS)}")
     xp = check_scores(scores)
     N, E = scores.shape
     check_topk(topk_idx, N, E, xp)
-    mask = check_mask(valid_mask, N, xp)
+    mask = check_mask(valid_mask, N, xp, allow_all_padding=allow_all_padding)
     if variant == "code" and E < 2:
         raise ValueError(f"variant='code' needs n_experts >= 2 for an unbiased variance, got E={E}")
     valid = mask_weights(mask, N, scores.dtype, xp)                            # [N]
-    n_valid = valid.sum()
-
     form = VAR_VARIANTS[variant]
     topk_cache = None
     if form.reads == "P":
@@ -126,7 +134,39 @@ def var_loss_forward(scores, topk_idx, variant: str = "paper", *, valid_mask=Non
     else:
         (S, s_sel), topk_cache = ops.topk_scores_forward(scores, topk_idx)   # [N, E], [N, K]
         q = S if form.reads == "S" else s_sel
-    loss, dq = form.loss(q, valid, n_valid)
+    return valid, q, topk_cache
+
+
+def var_loss_totals(scores, topk_idx, variant: str = "paper", *, valid_mask=None):
+    """The sums over this batch that ``variant`` reads, a float64 array on the scores' backend: ``paper`` [E + 1],
+    the column sums of S over valid tokens then their number N; ``code`` and ``row_topk`` [1], N. Summed over
+    the ranks of a data-parallel group and passed to ``var_loss_forward(..., totals=)``."""
+    valid, q, _ = _var_inputs(scores, topk_idx, variant, valid_mask, allow_all_padding=True)
+    n_valid = valid.sum(dtype=np.float64).reshape(1)
+    if variant == "paper":
+        return array_namespace(q).concatenate([column_sums(q, valid), n_valid])
+    return n_valid
+
+
+def var_loss_forward(scores, topk_idx, variant: str = "paper", *, valid_mask=None, totals=None):
+    """L_v from the layer's softmax scores [N, E] and top-k indices [N, K] (both from ``MoECache``).
+
+    variant     one of VAR_VARIANTS (see the module docstring)
+    valid_mask  optional [N] bool, True = real token; padding is excluded from every sum and mean
+    totals      None, or the form's sums over a whole global batch (:func:`var_loss_totals` summed over the
+                ranks); the loss is then this batch's share of the global batch's (this batch may be all padding)
+    Returns (loss, cache); loss is a 0-d array on the scores' backend and dtype (minus a variance).
+    ``topk_idx`` is checked for every variant, though ``code`` does not read it.
+    """
+    valid, q, topk_cache = _var_inputs(scores, topk_idx, variant, valid_mask, totals is not None)
+    n_valid, sums = valid.sum(), None
+    if totals is not None:
+        xp = array_namespace(scores)
+        totals = check_totals(totals, (scores.shape[1] + 1,) if variant == "paper" else (1,), xp,
+                              "var_loss_totals")
+        n_valid = totals[-1].astype(scores.dtype)
+        sums = totals[:-1] if variant == "paper" else None
+    loss, dq = VAR_VARIANTS[variant].loss(q, valid, n_valid, sums)
     return loss, VarCache(variant, dq, topk_cache)
 
 
