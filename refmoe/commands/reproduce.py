@@ -49,6 +49,9 @@ def add_arguments(parser):
     for flag, field in SIZE_FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
                             help=f"default {getattr(d, field)}")
+    parser.add_argument("--data-parallel", action="store_true",
+                        help="under mpiexec -n R: split every batch over the R ranks (MPI, numpy), the same numbers "
+                             "as one process to round-off; rank 0 prints and writes the report")
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--pretrain-alpha", type=float, default=d.pretrain_alpha,
                         help="L_aux coefficient in phase 1 (default %(default)s)")
@@ -185,6 +188,39 @@ def _umask() -> int:
     return mask
 
 
+# what MPI launchers put in each rank's environment: the group size
+LAUNCHER_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+LAUNCHER_RANK = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def _launcher(names) -> int | None:
+    for name in names:
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def check_data_parallel(args, workers: int, backend: str) -> str | None:
+    """What is wrong with how the command was launched for --data-parallel, in one line, or None."""
+    ranks = _launcher(LAUNCHER_SIZE)
+    if not args.data_parallel:
+        if ranks is not None and ranks > 1:
+            return (f"launched as one of {ranks} MPI ranks: add --data-parallel to split each batch over them "
+                    "(without it every rank would run the whole study)")
+        return None
+    if backend != "numpy":
+        return "--data-parallel: MPI moves host arrays; use --backend numpy"
+    if args.workers is not None and workers > 1:
+        return f"--workers {workers} with --data-parallel: each MPI rank trains in its own process"
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "--data-parallel: mpi4py is not installed (pip install -e \".[mpi]\"), then mpiexec -n R refmoe reproduce ..."
+    return None
+
+
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -199,21 +235,34 @@ def _error(msg: str) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def run(args) -> int:
+    from ..study.parallel import check_workers, default_workers
     from ..study.report import write_report
     from ..study.runner import Progress, count_runs, count_steps, fine_tuning_runs, run_study
 
-    from ..study.parallel import check_workers, default_workers
-
     study = study_from_args(args)
     workers = default_workers(study.backend) if args.workers is None else args.workers
-    problem = (check_study(study) or check_workers(workers, study.backend) or check_backend(study.backend)
+    if args.data_parallel and args.workers is None:
+        workers = 1
+    problem = (check_study(study) or check_workers(workers, study.backend)
+               or check_data_parallel(args, workers, study.backend) or check_backend(study.backend)
                or check_out(args.out))
     if problem:
-        return _error(problem)
+        return _error(problem) if (_launcher(LAUNCHER_RANK) or 0) == 0 else 2     # one line, from rank 0
+    comm = None
+    if args.data_parallel:
+        from ..distributed import MPICommunicator
+
+        comm = MPICommunicator()
+        if comm.rank != 0:                      # the other ranks train their rows and write nothing
+            run_study(study, status=lambda line: None, comm=comm)
+            return 0
     try:
         staging = _staging_dir(args.out)
     except OSError as exc:
-        return _error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+        code = _error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+        if comm is not None and comm.size > 1:
+            comm.mpi_comm.Abort(code)           # the other ranks are already waiting in the first all-reduce
+        return code
 
     try:
         t0 = time.perf_counter()
@@ -225,10 +274,11 @@ def run(args) -> int:
             print(f"refmoe reproduce: {_n(len(study.seeds), 'seed')} x (pre-training + "
                   f"{_n(len(study.presets), 'preset')} x ({_n(len(study.combos), 'combo')}{sweep})) = "
                   f"{_n(count_runs(study), 'training run')} on {study.backend}"
-                  f"{f', {workers} worker processes' if workers > 1 else ''}", flush=True)
+                  f"{f', {workers} worker processes' if workers > 1 else ''}"
+                  f"{f', data-parallel over {comm.size} MPI ranks' if comm is not None else ''}", flush=True)
             progress = Progress(count_runs(study), count_steps(study))
         status = progress.note if (progress is not None and args.verbose) else (lambda line: None)
-        result = run_study(study, status=status, progress=progress, workers=workers)
+        result = run_study(study, status=status, progress=progress, workers=workers, comm=comm)
         paths = write_report(result, staging, figures=not args.no_figures)
         _move_into_place(staging, args.out)
     except BaseException:

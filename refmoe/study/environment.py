@@ -64,5 +64,7 @@ def environment_lines(env: dict | None = None) -> list:
         t += " (" + ", ".join(f"{k}={v}" for k, v in e["thread_env"].items()) + ")"
     w = e.get("workers")
     t += "" if w is None else f" in each of {w} worker processes" if w > 1 else ", one process"
+    ranks = e.get("data_parallel_ranks")
+    t += "" if ranks is None else f" per rank, data-parallel over {ranks} MPI ranks"
     return [f"- Python {e['python']}, NumPy {e['numpy']}, SciPy {e['scipy']}; BLAS {e['blas']}, {t}",
             f"- Platform {e['platform']}, {e['machine']}, {e['cpus']} logical CPU(s)"]

@@ -132,8 +132,9 @@ def _logger(status, seed, tag):
 
 
 def pretrain_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = print,
-                  on_run: Callable[[str, int], None] | None = None) -> SeedStart:
-    """Phase 1 of a seed, its evaluation, and each preset's phase-2 objective (``preset_objective``)."""
+                  on_run: Callable[[str, int], None] | None = None, comm=None) -> SeedStart:
+    """Phase 1 of a seed, its evaluation, and each preset's phase-2 objective (``preset_objective``).
+    ``comm``: train data-parallel over its ranks (``refmoe.study.data_parallel``)."""
     cfg, dtype = study.moe_config(), np.dtype(study.dtype)
     rng = np.random.default_rng(seed)
     task = D_.make_task(rng, d_model=study.d_model, n_clusters=study.n_clusters, n_narrow=study.n_narrow,
@@ -145,7 +146,7 @@ def pretrain_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None
     pre = train_phase(params0, cfg, pretrain_objective(study.pretrain_alpha), task, rng,
                       steps=study.pretrain_steps, batch_size=study.batch_size, domain="broad",
                       adam=AdamConfig(lr=study.lr), log_every=study.log_every, backend=study.backend, dtype=dtype,
-                      on_log=_logger(status, seed, "pretrain"))
+                      on_log=_logger(status, seed, "pretrain"), comm=comm)
     record = {"pretrain": {"task": [r.task for r in pre.steps], "maxvio": [r.maxvio for r in pre.steps],
                            "eval": evaluate(pre.params, cfg, held, study.overlap_points, seed)},
               "finetune": {}}
@@ -162,7 +163,8 @@ def pretrain_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None
 
 
 def finetune_run(study: StudyConfig, start: SeedStart, preset: str, run: RunId, *,
-                 status: Callable[[str], None] = print, on_run: Callable[[str, int], None] | None = None) -> dict:
+                 status: Callable[[str], None] = print, on_run: Callable[[str, int], None] | None = None,
+                 comm=None) -> dict:
     """One phase-2 run from the seed's checkpoint, on the seed's shared batches, and its evaluation."""
     cfg, seed = study.moe_config(), start.seed
     task, held, batches = seed_data(study, seed)
@@ -172,7 +174,7 @@ def finetune_run(study: StudyConfig, start: SeedStart, preset: str, run: RunId, 
                      steps=study.finetune_steps, batch_size=study.batch_size, domain="narrow",
                      adam=AdamConfig(lr=study.lr), log_every=study.log_every, backend=study.backend,
                      dtype=np.dtype(study.dtype), on_log=_logger(status, seed, f"{preset}:{run.label}"),
-                     batches=batches)
+                     batches=batches, comm=comm)
     rec = {
         "task": [r.task for r in ft.steps], "maxvio": [r.maxvio for r in ft.steps],
         "logs": [{"step": r.step, "losses": r.losses, "discrim": r.discrim,
@@ -204,12 +206,13 @@ def collect_seed(study: StudyConfig, start: SeedStart, runs: dict) -> dict:
 
 
 def run_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None] = print,
-             on_run: Callable[[str, int], None] | None = None) -> dict:
+             on_run: Callable[[str, int], None] | None = None, comm=None) -> dict:
     """Pre-train once, then fine-tune under every (preset, run), in this process. Returns a nested dict of
     host values (``collect_seed``). ``status`` gets one line per logging step; ``on_run(name, steps)`` is
     called before each training run."""
-    start = pretrain_seed(study, seed, status=status, on_run=on_run)
-    runs = {unit: finetune_run(study, start, *unit, status=status, on_run=on_run) for unit in seed_units(study)}
+    start = pretrain_seed(study, seed, status=status, on_run=on_run, comm=comm)
+    runs = {unit: finetune_run(study, start, *unit, status=status, on_run=on_run, comm=comm)
+            for unit in seed_units(study)}
     return collect_seed(study, start, runs)
 
 
@@ -228,23 +231,29 @@ class StudyResult(NamedTuple):
 
 
 def run_study(study: StudyConfig, *, status: Callable[[str], None] = print,
-              progress: Progress | None = None, workers: int = 1) -> StudyResult:
+              progress: Progress | None = None, workers: int = 1, comm=None) -> StudyResult:
     """Every seed, then the summary and the verdicts. ``status`` gets the per-logging-step lines; ``progress``
     (a Progress) is told when each training run starts and closed at the end. ``workers`` > 1 trains on that
-    many processes (``refmoe.study.parallel``, NumPy only); 1 trains in this process."""
+    many processes (``refmoe.study.parallel``, NumPy only); 1 trains in this process. ``comm`` (a
+    ``refmoe.distributed`` communicator, every rank calling run_study) splits every batch over its ranks:
+    the same numbers, to round-off (``refmoe.study.data_parallel``)."""
     from .parallel import check_workers, run_parallel
 
     problem = check_workers(workers, study.backend)
     if problem:
         raise ValueError(problem.replace("--workers ", "workers="))
+    if comm is not None and workers > 1:
+        raise ValueError(f"workers={workers} with a communicator: each rank trains in its own process")
     t0 = time.perf_counter()
     on_run = progress.start if progress is not None else None
     try:
         if workers > 1:
             per_seed, env = run_parallel(study, workers, status=status, on_run=on_run)
         else:
-            per_seed = [run_seed(study, seed, status=status, on_run=on_run) for seed in study.seeds]
+            per_seed = [run_seed(study, seed, status=status, on_run=on_run, comm=comm) for seed in study.seeds]
             env = {**environment(), "workers": 1}
+            if comm is not None:
+                env["data_parallel_ranks"] = comm.size
     finally:
         if progress is not None:
             progress.close()

@@ -126,15 +126,27 @@ def draw_batches(task: D_.ClusterTask, rng, *, steps: int, batch_size: int, doma
     return [D_.sample(task, rng, batch_size, domain=domain, backend=backend, dtype=dtype) for _ in range(steps)]
 
 
+def data_parallel_train_step(comm, params: dict, opt_state, batch: D_.Batch, cfg: MoEConfig, objective: Objective,
+                             adam: AdamConfig, *, per_term: bool = False, check_replicas: bool = False):
+    """``train_step`` with ``batch`` (the whole global batch, on every rank) split over the ranks of ``comm``
+    (``refmoe.study.data_parallel``); the same returns, for the global batch (dy None except at logging steps)."""
+    from .data_parallel import global_step
+
+    res, dy = global_step(comm, params, batch, cfg, objective, per_term=per_term, check_replicas=check_replicas)
+    params, opt_state = adam_step(params, res.grads["total"], opt_state, adam)
+    return params, opt_state, res, _f(res.losses["task"]), dy
+
+
 def train_phase(params: dict, cfg: MoEConfig, objective: Objective, task: D_.ClusterTask, rng, *,
                 steps: int, batch_size: int, domain: str, adam: AdamConfig, log_every: int = 0,
                 backend: str = "numpy", dtype=np.float32, on_log: Callable | None = None,
-                batches: Sequence[D_.Batch] | None = None) -> PhaseResult:
+                batches: Sequence[D_.Batch] | None = None, comm=None) -> PhaseResult:
     """``steps`` updates on fresh batches of ``domain``; per-term analyses every ``log_every`` steps.
 
     on_log(LogRecord) is called at each logging step (the status line of the command). ``batches``, when
     given, are the ``steps`` batches to use in order instead of drawing them from ``rng`` (the batches
-    :func:`draw_batches` draws from the same ``rng``: the runs of a seed share them).
+    :func:`draw_batches` draws from the same ``rng``: the runs of a seed share them). ``comm``, a
+    ``refmoe.distributed`` communicator, splits every batch over its ranks (:func:`data_parallel_train_step`).
     """
     if batches is not None and len(batches) != steps:
         raise ValueError(f"{len(batches)} batches given for steps={steps}")
@@ -144,7 +156,11 @@ def train_phase(params: dict, cfg: MoEConfig, objective: Objective, task: D_.Clu
         batch = (batches[s - 1] if batches is not None else
                  D_.sample(task, rng, batch_size, domain=domain, backend=backend, dtype=dtype))
         logging = bool(log_every) and (s % log_every == 0 or s == 1 or s == steps)
-        params, opt, res, l_h, dy = train_step(params, opt, batch, cfg, objective, adam, per_term=logging)
+        if comm is None:
+            params, opt, res, l_h, dy = train_step(params, opt, batch, cfg, objective, adam, per_term=logging)
+        else:
+            params, opt, res, l_h, dy = data_parallel_train_step(comm, params, opt, batch, cfg, objective, adam,
+                                                                 per_term=logging, check_replicas=s == 1)
         step_recs.append(StepRecord(l_h, max_vio(res.cache.topk_idx, cfg.n_experts)))
         if logging:
             losses = {"task": l_h, "aux": _f(res.losses["aux"]), "ortho": _f(res.losses["ortho"]),
