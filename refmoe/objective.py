@@ -207,7 +207,9 @@ class ObjectiveResult(NamedTuple):
     grads: dict
 
 
-def _check_task_loss(task_loss, xp):
+def _check_task_loss(task_loss, xp, *, finite: bool = True):
+    """task_loss as ``objective_backward`` uses it; ``finite=False`` leaves the finiteness of an array to the
+    caller (``refmoe.fast.objective_step`` folds it into its one status read)."""
     if task_loss is None:
         return None
     if isinstance(task_loss, bool):
@@ -221,7 +223,7 @@ def _check_task_loss(task_loss, xp):
         raise ValueError(f"task_loss must be a scalar, got shape {tuple(task_loss.shape)}")
     if task_loss.dtype.kind not in "fiu":
         raise TypeError(f"task_loss must be real, got dtype {task_loss.dtype}")
-    if not bool(xp.isfinite(task_loss).all()):
+    if finite and not bool(xp.isfinite(task_loss).all()):
         raise ValueError("task_loss contains NaN or inf")
     return task_loss.reshape(())
 

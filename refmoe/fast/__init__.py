@@ -9,6 +9,10 @@ The API for a training loop or a study:
            per_term=False, ...)`` returns it (grads = {"total": {...}}), computed by the fused kernels,
            inputs checked once, at most one host read in the step (C; none when ``capacity`` is given) and one
            status read at the end; a step the fast forms do not cover reruns on the core path (``step.py``)
+    objective_step(x, params, cfg, objective, task, ...), task(y) -> (task_loss, dy)
+        the same where dy depends on the output (a training step, L_h = mse(x + y, t)): the task function runs
+        between the forward and the backward, and again on the core's y where the step reruns there
+        (``refmoe.study.train`` uses it on CuPy)
     GraphedStep(x, params, cfg, objective, dy=None, ...)
         the same step captured once as a CUDA graph and replayed: ``GraphedStep(...)(x=..., dy=...)``
         (``graph.py``: fixed C, private memory pool, eager fallback where capture is impossible)

@@ -47,6 +47,9 @@ class GraphedStep:
     def __init__(self, x, params, cfg, objective="paper", dy=None, *, valid_mask=None, batch_shape=None,
                  capacity=None, margin: float = 1.125, check: bool = True):
         self.obj = get_objective(objective)
+        if callable(dy):
+            raise TypeError("GraphedStep needs dy as an array (a task function's dy depends on y: use "
+                            "refmoe.fast.objective_step)")
         self.xp = _check_boundary(x, params, cfg, self.obj, dy, valid_mask)
         self.params, self.cfg, self.check, self.margin = params, cfg, check, float(margin)
         self.batch_shape = resolve_batch_shape(batch_shape, x.shape[0])
@@ -69,7 +72,7 @@ class GraphedStep:
         y, _, values, grads, status = step_on_device(
             self.x, self.params, self.cfg, self.obj, self.dy, self.valid_mask, self.batch_shape,
             capacity=self.capacity, layout="padded", keep_cache=False)
-        return assemble(self.obj, y, None, values, grads, None, status)
+        return assemble(self.obj, y, None, values, grads, status)
 
     def _capture(self):
         import cupy
