@@ -127,3 +127,63 @@ def test_all_expert_outputs_agree_with_the_layer(backend):
     every = host(all_expert_outputs(x, params))                       # [N, E, D]
     picked = np.take_along_axis(every, host(cache.topk_idx)[:, :, None], axis=1)
     assert np.abs(picked - host(cache.expert_out)).max() < 1e-12     # the same SwiGLU on the same tokens
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])   # measured 1e-16, 5e-8
+def test_train_phase_on_the_fast_path_equals_the_core_path(dtype, tol):
+    # the path the study takes on CuPy (refmoe.fast.objective_step with the residual task as a function of y),
+    # forced on NumPy: the same losses, MaxVio and parameters as the core path, step by step
+    from refmoe.gradcheck import rel_error
+    from refmoe.study.train import uses_fast_path
+
+    assert uses_fast_path("cupy") and not uses_fast_path("cupy", per_term=True) and not uses_fast_path("numpy")
+    st = StudyConfig(d_model=8, d_hidden=8, n_experts=4, top_k=2, n_clusters=4, batch_size=32)
+    cfg = st.moe_config()
+    obj = combo_objective(PRESETS["paper"].replace(alpha=3e-2, beta=0.1, gamma=0.05), "aux+ortho+var")
+    runs = {}
+    for fast in (False, True):
+        rng = np.random.default_rng(3)
+        task = D.make_task(rng, d_model=8, n_clusters=4, n_narrow=2, teacher_rank=4)
+        params = init_params(cfg, rng, dtype, backend="numpy")
+        logs = []
+        runs[fast] = (train_phase(params, cfg, obj, task, rng, steps=12, batch_size=32, domain="broad",
+                                  adam=AdamConfig(lr=1e-2), log_every=5, dtype=dtype, on_log=logs.append,
+                                  fast=fast), logs)
+    (core, core_logs), (fast_, fast_logs) = runs[False], runs[True]
+    assert [r.step for r in fast_logs] == [1, 5, 10, 12]              # logging steps: the core path, per term
+    assert [s.maxvio for s in fast_.steps] == [s.maxvio for s in core.steps]       # the same routing
+    assert rel_error(np.array([s.task for s in core.steps]), np.array([s.task for s in fast_.steps])) <= tol
+    for k in core.params:
+        assert fast_.params[k].dtype == dtype and rel_error(core.params[k], fast_.params[k]) <= tol, k
+    assert rel_error(fast_logs[-1].norms["experts"]["task"], core_logs[-1].norms["experts"]["task"]) <= tol
+
+
+def test_train_phase_on_cupy_takes_the_fast_path_and_equals_numpy(cp, monkeypatch):
+    # on CuPy the non-logging steps go through refmoe.fast.objective_step (counted here), and the phase
+    # gives NumPy's core-path numbers (float64)
+    import refmoe.study.train as T
+    from refmoe.gradcheck import rel_error
+
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(kw.get("capacity"))
+        return objective_step(*args, **kw)
+
+    objective_step = T.objective_step
+    monkeypatch.setattr(T, "objective_step", counted)
+    cfg = MoEConfig(d_model=8, d_hidden=8, n_experts=4, top_k=2, n_shared=1)
+    obj = combo_objective(PRESETS["paper"].replace(alpha=3e-2, beta=0.1, gamma=0.05), "aux+ortho+var")
+    runs = {}
+    for backend in ("numpy", "cupy"):
+        rng = np.random.default_rng(3)
+        task = D.make_task(rng, d_model=8, n_clusters=4, n_narrow=2, teacher_rank=4)
+        params = init_params(cfg, rng, np.float64, backend=backend)
+        runs[backend] = train_phase(params, cfg, obj, task, rng, steps=12, batch_size=32, domain="broad",
+                                    adam=AdamConfig(lr=1e-2), log_every=5, backend=backend, dtype=np.float64)
+    assert calls == [32] * 8                                           # 12 steps, 4 of them logging steps
+    a, b = runs["numpy"], runs["cupy"]
+    assert [s.maxvio for s in a.steps] == [s.maxvio for s in b.steps]
+    assert rel_error(np.array([s.task for s in a.steps]), np.array([s.task for s in b.steps])) <= 1e-10
+    for k in a.params:
+        assert rel_error(a.params[k], host(b.params[k])) <= 1e-10, k  # float64 on two libraries: not yet run

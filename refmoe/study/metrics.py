@@ -45,12 +45,18 @@ def max_vio(topk_idx, n_experts: int, *, absolute: bool = False) -> float:
     absolute=True: max_j |Load_j - \overline{Load}| / \overline{Load} (the released code's form).
     Computed on a training batch it is "MaxVio_batch"; on a whole held-out set, "MaxVio_global".
     """
+    return _f(max_vio_array(topk_idx, n_experts, absolute=absolute))
+
+
+def max_vio_array(topk_idx, n_experts: int, *, absolute: bool = False):
+    """:func:`max_vio` as a 0-d float64 value on the input's backend, not read to the host (a training loop
+    reads all its steps' values at once)."""
     load = expert_loads(topk_idx, n_experts)
     mean = load.sum() / n_experts
     dev = load - mean
     xp = array_namespace(load)
     top = xp.abs(dev).max() if absolute else dev.max()
-    return _f(top / mean)
+    return top / mean
 
 
 def moving_average(y, w: int) -> np.ndarray:

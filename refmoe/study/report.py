@@ -19,6 +19,7 @@ from .alignment import GROUPS
 from .environment import environment, environment_lines  # noqa: F401  (re-exported)
 from .runner import StudyResult
 from .summary import EVAL_KEYS, MAXVIO_RMSE_BOUND, fmt
+from .train import uses_fast_path
 
 # ----------------------------------------------------------------------------------------------
 # results.json and the claims table
@@ -251,7 +252,8 @@ def _in_short(result: StudyResult) -> list:
 def render_markdown(result: StudyResult, figures: list) -> str:
     s = result.study
     out = ["# refmoe reproduce: expert specialisation on synthetic clustered data", ""] + _banner(result)
-    out += [f"Run on {device_description(s.backend)} with backend `{s.backend}`, {s.dtype}; training and "
+    path = " (non-logging steps on the fast path, refmoe.fast)" if uses_fast_path(s.backend) else ""
+    out += [f"Run on {device_description(s.backend)} with backend `{s.backend}`{path}, {s.dtype}; training and "
             f"evaluation took {result.seconds:.1f} s.", ""] + environment_lines(result.environment) + [""]
     out += ["## Setup", "",
             f"- Data: {s.n_clusters} latent clusters in R^{s.d_model} (centres of length 3, Gaussian noise sd "

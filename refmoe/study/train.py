@@ -8,6 +8,11 @@ gradient dy = dL_h/dout is computed by hand and passed, with the regularisers of
 ``objective_forward`` / ``objective_backward``; the update is the hand-written Adam of ``refmoe.study.optim``.
 The study around these (seeds, presets, the verdicts) is ``refmoe.study.runner``.
 
+On CuPy (``FAST_BACKENDS``) a step that is not a logging step runs on the fast path instead,
+``refmoe.fast.objective_step`` with the task as a function of y (the same numbers up to rounding, one host
+read per step: its status); logging steps need the per-term gradients and stay on the core path, and NumPy
+runs every step on the core path. The per-step records (L_h, MaxVio) are read to the host once per phase.
+
 Phase 1 (pre-training) uses the broad mixture with L_h + alpha L_aux. Phase 2 starts from that checkpoint, with
 fresh Adam moments, and fine-tunes on the narrow domain under one loss combination (``COMBOS``), or, in the
 sweep, under aux+ortho+var with beta and gamma scaled by a factor; a ``RunId`` names which.
@@ -18,13 +23,16 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import array_namespace, to_numpy
 from ..config import MoEConfig
+from ..fast import objective_step
 from ..losses.task import mse_backward, mse_forward
 from ..objective import PRESETS, Objective, objective_backward, objective_forward
 from . import data as D_
 from .alignment import GROUPS, cosine_matrix, gradient_norms, routing_discriminativeness
-from .metrics import max_vio
+from .metrics import max_vio_array
+
+FAST_BACKENDS = ("cupy",)            # backends whose non-logging steps run on refmoe.fast.objective_step
 from .optim import AdamConfig, adam_init, adam_step
 
 # name -> (use L_aux, use L_o, use L_v)
@@ -106,18 +114,45 @@ def _f(a) -> float:
     return float(to_numpy(a))
 
 
-def train_step(params: dict, opt_state, batch: D_.Batch, cfg: MoEConfig, objective: Objective,
-               adam: AdamConfig, *, per_term: bool = False):
-    """One update on one batch.  Returns (params, opt_state, ObjectiveResult, task loss, dy [N, D]).
+def residual_task(x, target):
+    """The task of the block out = x + y, as a function of y: y [N, D] -> (L_h, dy = dL_h/dy [N, D]).
 
-    The block is out = x + y; the residual passes dy = dL_h/dout to y unchanged.
+    The residual passes dL_h/dout to y unchanged."""
+    def task(y):
+        l_h, r = mse_forward(x + y, target)
+        return l_h, mse_backward(1.0, r)                                       # [N, D]
+    return task
+
+
+def uses_fast_path(backend: str, per_term: bool = False) -> bool:
+    """Whether ``train_step`` runs on ``refmoe.fast`` by default: CuPy, and not a logging step."""
+    return backend in FAST_BACKENDS and not per_term
+
+
+def train_step(params: dict, opt_state, batch: D_.Batch, cfg: MoEConfig, objective: Objective,
+               adam: AdamConfig, *, per_term: bool = False, fast: bool | None = None):
+    """One update on one batch.  Returns (params, opt_state, ObjectiveResult, task loss L_h (0-d, on the
+    device), dy [N, D] or None).
+
+    fast   None: ``uses_fast_path`` (CuPy and not ``per_term``); True: ``refmoe.fast.objective_step`` on any
+           backend (the tests run it on NumPy), with capacity N (a token picks K distinct experts, so no
+           load exceeds N: no host read for C) and dy kept inside the step (returned as None);
+           False: the core path, ``objective_forward`` / ``objective_backward``.
     """
-    y, ocache = objective_forward(batch.x, params, cfg, objective)
-    task, r = mse_forward(batch.x + y, batch.target)
-    dy = mse_backward(1.0, r)                                                  # [N, D]
-    res = objective_backward(dy, ocache, task_loss=task, per_term=per_term)
+    if fast is None:
+        fast = uses_fast_path(array_namespace(batch.x).__name__, per_term)
+    task_fn = residual_task(batch.x, batch.target)
+    if fast:
+        if per_term:
+            raise ValueError("per_term=True needs the core path (the fast step returns the total gradient only)")
+        res = objective_step(batch.x, params, cfg, objective, task_fn, capacity=batch.x.shape[0])
+        task, dy = res.losses["task"], None
+    else:
+        y, ocache = objective_forward(batch.x, params, cfg, objective)
+        task, dy = task_fn(y)
+        res = objective_backward(dy, ocache, task_loss=task, per_term=per_term)
     params, opt_state = adam_step(params, res.grads["total"], opt_state, adam)
-    return params, opt_state, res, _f(task), dy
+    return params, opt_state, res, task, dy
 
 
 def draw_batches(task: D_.ClusterTask, rng, *, steps: int, batch_size: int, domain: str, backend: str = "numpy",
@@ -140,30 +175,33 @@ def data_parallel_train_step(comm, params: dict, opt_state, batch: D_.Batch, cfg
 def train_phase(params: dict, cfg: MoEConfig, objective: Objective, task: D_.ClusterTask, rng, *,
                 steps: int, batch_size: int, domain: str, adam: AdamConfig, log_every: int = 0,
                 backend: str = "numpy", dtype=np.float32, on_log: Callable | None = None,
-                batches: Sequence[D_.Batch] | None = None, comm=None) -> PhaseResult:
+                batches: Sequence[D_.Batch] | None = None, comm=None, fast: bool | None = None) -> PhaseResult:
     """``steps`` updates on fresh batches of ``domain``; per-term analyses every ``log_every`` steps.
 
     on_log(LogRecord) is called at each logging step (the status line of the command). ``batches``, when
     given, are the ``steps`` batches to use in order instead of drawing them from ``rng`` (the batches
     :func:`draw_batches` draws from the same ``rng``: the runs of a seed share them). ``comm``, a
     ``refmoe.distributed`` communicator, splits every batch over its ranks (:func:`data_parallel_train_step`).
+    ``fast`` is passed to every non-logging ``train_step`` (None: the fast path on CuPy; not used with ``comm``).
     """
     if batches is not None and len(batches) != steps:
         raise ValueError(f"{len(batches)} batches given for steps={steps}")
     opt = adam_init(params)
-    step_recs, logs = [], []
+    tasks, vios, logs = [], [], []                  # per step: L_h, MaxVio_batch (0-d, read after the loop)
     for s in range(1, steps + 1):
         batch = (batches[s - 1] if batches is not None else
                  D_.sample(task, rng, batch_size, domain=domain, backend=backend, dtype=dtype))
         logging = bool(log_every) and (s % log_every == 0 or s == 1 or s == steps)
         if comm is None:
-            params, opt, res, l_h, dy = train_step(params, opt, batch, cfg, objective, adam, per_term=logging)
+            params, opt, res, l_h, dy = train_step(params, opt, batch, cfg, objective, adam, per_term=logging,
+                                                   fast=False if logging else fast)
         else:
             params, opt, res, l_h, dy = data_parallel_train_step(comm, params, opt, batch, cfg, objective, adam,
                                                                  per_term=logging, check_replicas=s == 1)
-        step_recs.append(StepRecord(l_h, max_vio(res.cache.topk_idx, cfg.n_experts)))
+        tasks.append(l_h)
+        vios.append(max_vio_array(res.cache.topk_idx, cfg.n_experts))
         if logging:
-            losses = {"task": l_h, "aux": _f(res.losses["aux"]), "ortho": _f(res.losses["ortho"]),
+            losses = {"task": _f(l_h), "aux": _f(res.losses["aux"]), "ortho": _f(res.losses["ortho"]),
                       "var": _f(res.losses["var"])}
             cos = {g: cosine_matrix(res.grads, g) for g in GROUPS}
             norms = {g: gradient_norms(res.grads, g) for g in GROUPS}
@@ -171,4 +209,12 @@ def train_phase(params: dict, cfg: MoEConfig, objective: Objective, task: D_.Clu
             logs.append(rec)
             if on_log is not None:
                 on_log(rec)
+    xp = array_namespace(*params.values())
+    step_recs = [StepRecord(float(t), float(v)) for t, v in zip(_host(xp, tasks), _host(xp, vios))]
     return PhaseResult(params, step_recs, logs)
+
+
+def _host(xp, values: list) -> np.ndarray:
+    """0-d values (arrays of the backend ``xp``, NumPy scalars or Python floats), read to the host in one copy.
+    -> [T]"""
+    return to_numpy(xp.stack([xp.asarray(v) for v in values])) if values else np.zeros(0)
