@@ -129,12 +129,27 @@ def test_all_expert_outputs_agree_with_the_layer(backend):
     assert np.abs(picked - host(cache.expert_out)).max() < 1e-12     # the same SwiGLU on the same tokens
 
 
+def test_the_study_configuration_is_on_the_fast_path():
+    # a layer or objective the fast step does not cover would send every CuPy step to the core path
+    from refmoe.fast.step import unsupported
+    from refmoe.study.train import pretrain_objective
+
+    cfg = StudyConfig().moe_config()
+    for obj in (pretrain_objective(), PRESETS["paper"], PRESETS["authors_code"].replace(beta=0.1, gamma=0.01)):
+        assert unsupported(None, cfg, obj, None) is None, obj.name
+
+
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])   # measured 1e-16, 5e-8
-def test_train_phase_on_the_fast_path_equals_the_core_path(dtype, tol):
+def test_train_phase_on_the_fast_path_equals_the_core_path(dtype, tol, monkeypatch):
     # the path the study takes on CuPy (refmoe.fast.objective_step with the residual task as a function of y),
     # forced on NumPy: the same losses, MaxVio and parameters as the core path, step by step
+    import refmoe.fast.step as fast_step
     from refmoe.gradcheck import rel_error
     from refmoe.study.train import uses_fast_path
+
+    reruns = []
+    core_step = fast_step.core_step
+    monkeypatch.setattr(fast_step, "core_step", lambda *a: reruns.append(1) or core_step(*a))
 
     assert uses_fast_path("cupy") and not uses_fast_path("cupy", per_term=True) and not uses_fast_path("numpy")
     st = StudyConfig(d_model=8, d_hidden=8, n_experts=4, top_k=2, n_clusters=4, batch_size=32)
@@ -149,6 +164,7 @@ def test_train_phase_on_the_fast_path_equals_the_core_path(dtype, tol):
         runs[fast] = (train_phase(params, cfg, obj, task, rng, steps=12, batch_size=32, domain="broad",
                                   adam=AdamConfig(lr=1e-2), log_every=5, dtype=dtype, on_log=logs.append,
                                   fast=fast), logs)
+    assert reruns == []                                                # the fast numbers, not the core's
     (core, core_logs), (fast_, fast_logs) = runs[False], runs[True]
     assert [r.step for r in fast_logs] == [1, 5, 10, 12]              # logging steps: the core path, per term
     assert [s.maxvio for s in fast_.steps] == [s.maxvio for s in core.steps]       # the same routing

@@ -15,6 +15,9 @@ For each held-out set (``narrow`` and ``broad``) of the experiment:
     sel_cos           mean |cos| between a token's K selected experts' outputs (what L_o acts on)
     all_cos           mean off-diagonal cosine between all E experts' outputs on the same tokens
     discrim           routing_discriminativeness of p_ij = g_yi . x~_ij with the task gradient of this set
+
+Host reads: the integer results (loads, MaxVio, the top-1 expert, the mutual information) come from one copy
+of topk_idx [N, K] and one of the cluster labels [N]; each float metric is one small read of its own.
 """
 from __future__ import annotations
 
@@ -49,29 +52,31 @@ def evaluate_set(params: dict, cfg, batch: D_.Batch, n_points: int, rng) -> dict
     task, r = mse_forward(batch.x + y, batch.target)
     dy = mse_backward(1.0, r)
     N, K = cache.topk_idx.shape
+    idx, cluster = to_numpy(cache.topk_idx), to_numpy(batch.cluster)            # host [N, K], [N]: integers
     (S, _), _ = ops.topk_scores_forward(cache.scores, cache.topk_idx)           # [N, E] post-top-k
     n_tok = max(2, min(N, n_points // K))
-    pick = xp.asarray(np.sort(rng.choice(N, size=n_tok, replace=False)))       # same subset for every model
+    pick_host = np.sort(rng.choice(N, size=n_tok, replace=False))              # same subset for every model
+    pick = xp.asarray(pick_host)
     emb = cache.expert_out[pick].reshape(n_tok * K, -1).astype(xp.float64)      # [n_tok*K, D]
     lab = cache.topk_idx[pick].reshape(-1)                                       # [n_tok*K]
-    has_two = int(xp.unique(lab).shape[0]) >= 2
+    has_two = np.unique(idx[pick_host]).shape[0] >= 2
     cos_all = to_numpy(expert_output_cosine(all_expert_outputs(batch.x[pick], params)))
     E = cos_all.shape[0]
     off = cos_all[~np.eye(E, dtype=bool)]
     return {
         "task": float(to_numpy(task)),
-        "maxvio_global": max_vio(cache.topk_idx, cfg.n_experts),
+        "maxvio_global": max_vio(idx, cfg.n_experts),
         "rv_eq42": routing_variance_eq42(S),
         "rv_per_token": routing_variance_per_token(cache.scores),
         "overlap": expert_overlap(emb, lab, OVERLAP_K),
         "silhouette": silhouette(emb, lab) if has_two else float("nan"),
-        "mi_bits": mutual_information(batch.cluster, cache.topk_idx[:, 0]),
-        "nmi": normalized_mutual_information(batch.cluster, cache.topk_idx[:, 0]),
-        "nmi_arith": normalized_mutual_information(batch.cluster, cache.topk_idx[:, 0], average="arithmetic"),
+        "mi_bits": mutual_information(cluster, idx[:, 0]),
+        "nmi": normalized_mutual_information(cluster, idx[:, 0]),
+        "nmi_arith": normalized_mutual_information(cluster, idx[:, 0], average="arithmetic"),
         "sel_cos": selected_output_cosine(cache.expert_out),
         "all_cos": float(off.mean()) if off.size else float("nan"),
         "discrim": routing_discriminativeness(dy, cache.expert_out),
-        "loads": to_numpy(xp.bincount(cache.topk_idx.reshape(-1), minlength=cfg.n_experts)).tolist(),
+        "loads": np.bincount(idx.reshape(-1), minlength=cfg.n_experts).tolist(),
     }
 
 
