@@ -164,9 +164,12 @@ def test_span_dependent_slots_and_zero_eps(xp, rng):
         v = kn.span_forward(xp, A, eps)
         _, d = kn.span_backward(xp, g, A, eps)
         assert bool(xp.isfinite(v).all()) and bool(xp.isfinite(d).all())
-        # the dependent slot's residual is rounding noise, normalised: the summation order shows (H200: 4.1e-12)
-        assert rel_error(v, span_per_token(A, eps)) < 1e-10
-        assert rel_error(d, span_backward(g, A, eps)) < 1e-10
+        # eps = 1e-6: the dependent slot's residual (rounding noise) is held down by eps; the summation order
+        # still shows (H200: 4.1e-12). eps = 0: that noise is normalised to a unit vector whose direction is
+        # the rounding's, so token 0's value is arbitrary (H200: 23.1 against NumPy's 18.8); the others agree
+        tokens = slice(None) if eps else slice(1, None)
+        assert rel_error(v[tokens], span_per_token(A, eps)[tokens]) < 1e-10
+        assert rel_error(d[tokens], span_backward(g, A, eps)[tokens]) < 1e-10
 
 
 def test_span_backward_finite_differences(xp, rng):
