@@ -32,8 +32,8 @@ from .train import COMBOS, SWEEP_COMBO, LogRecord, RunId, draw_batches, pretrain
 
 class StudyConfig(NamedTuple):
     """Every knob of the study (the flags of ``refmoe reproduce``). The defaults (11 seeds, 209 training runs)
-    take under 5 minutes with NumPy on 2 CPU cores and two worker processes (benchmarks/reproduce_numpy_cpu/
-    records the run). ``alpha`` replaces the presets' L_aux coefficient (1e-3) in phase 2, because at
+    take about 4 minutes with NumPy on 2 CPU cores and two worker processes (220 s measured,
+    benchmarks/reproduce_numpy_cpu/). ``alpha`` replaces the presets' L_aux coefficient (1e-3) in phase 2, because at
     1e-3 the balancing loss hardly moves the routing of this small block; ``beta``/``gamma`` None keep the
     presets' values (``authors_code`` calibrates them on the first narrow batch of each seed)."""
     d_model: int = 32
