@@ -26,17 +26,12 @@ Numerics: kernel dot products sum in a tree, the references pairwise: float32 re
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from .. import ops
 from ..router import GateCache, gate_weights_backward, gate_weights_forward
-
-
-def kernels_on(xp) -> bool:
-    """True when ``xp`` is CuPy and the kernels are not switched off (``REFMOE_FAST_KERNELS=0``)."""
-    return xp.__name__ == "cupy" and os.environ.get("REFMOE_FAST_KERNELS", "1") != "0"
+from .switch import kernels_on  # noqa: F401  (part of this module's names)
 
 
 _CACHE = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..losses.gram_schmidt import gram_schmidt_backward, gram_schmidt_forward
-from .kernels import kernels_on
+from .switch import kernels_on
 
 _CACHE = {}
 
