@@ -10,8 +10,9 @@ Both L_o forms depend on the expert outputs only through the per-token Gram matr
   value on ANY K vectors with the same Gram matrix. The rows of the Cholesky factor L (G = L L^T) are such
   vectors, of length K instead of D: the released Gram-Schmidt (``ortho_span.span_per_token`` /
   ``span_backward``, unchanged, eps included) runs on [N, K, K] instead of [N, K, D], D/K times less work
-  (341x at D = 2048, K = 6), and the K runs (one per slot) are batched into one run over N*K groups, so
-  the number of array operations no longer grows with K (what bounds it on a GPU). The gradient comes back through the Cholesky factorisation,
+  (341x at D = 2048, K = 6), and the K runs (one per slot) are batched into one run over N*K groups
+  (``span_kernels.ref_span_runs``, the reference of the span kernels), so the number of array operations no
+  longer grows with K (what bounds it on a GPU). The gradient comes back through the Cholesky factorisation,
 
   .. math:: \bar G = L^{-T}\,\Phi\,L^{-1},\quad \Phi = \tfrac12(T + \mathrm{tril}(T, -1)^T),\quad
             T = \mathrm{tril}(L^T \bar L),\qquad \bar A = 2 \bar G A
@@ -29,8 +30,8 @@ import numpy as np
 from ..backend import array_namespace
 from ..checks import check_float_array, check_mask, mask_weights
 from ..losses import ortho as ref
-from ..losses.gram_schmidt import gram_schmidt_backward, gram_schmidt_forward
 from ..losses.ortho_span import span_backward, span_per_token
+from .span_kernels import ref_span_runs, ref_span_runs_backward
 
 
 def gram(A):
@@ -52,59 +53,14 @@ def _cholesky_rows(G64):
     return L if resid <= 1e-10 * float(abs(G64).max()) else None
 
 
-def _others_onehot(K, xp, dtype):
-    """P [K, K-1, K]: P[a, j, b] = 1 where b is the j-th slot other than a (slot order kept)."""
-    P = np.zeros((K, K - 1, K))
-    for a in range(K):
-        for j, b in enumerate(c for c in range(K) if c != a):
-            P[a, j, b] = 1.0
-    return xp.asarray(P.astype(dtype))
-
-
-def span_rows(Y, eps):
-    """``span_per_token`` with the K Gram-Schmidt runs (one per slot a) batched into one run over N*K groups.
-
-    Y: [N, K, R] slot vectors -> (per_token [N], tape). Same arithmetic as ``ortho_span.span_per_token``.
-    """
-    xp = array_namespace(Y)
-    N, K, R = Y.shape
-    P = _others_onehot(K, xp, Y.dtype)                                   # [K, K-1, K]
-    O = xp.einsum("ajb,nbr->najr", P, Y).reshape(N * K, K - 1, R)        # [N*K, K-1, R] others of each slot
-    x_a = Y.reshape(N * K, R)                                            # [N*K, R] the slot itself
-    us, tape = gram_schmidt_forward([O[:, j] for j in range(K - 1)], eps)
-    total = xp.zeros(N * K, dtype=Y.dtype)
-    for u in us:
-        p = (u * x_a).sum(axis=-1)                                       # [N*K] <u_l, x_a>
-        total = total + p * p * (u * u).sum(axis=-1)
-    return total.reshape(N, K).sum(axis=1), (P, O, x_a, us, tape)
-
-
-def span_rows_backward(g, Y, tape_all):
-    """Gradient of sum_i g_i * span_rows(Y)_i.  g: [N] -> dY [N, K, R]."""
-    xp = array_namespace(Y)
-    N, K, R = Y.shape
-    P, O, x_a, us, tape = tape_all
-    gk = xp.repeat(g, K)[:, None]                                        # [N*K, 1]
-    dx_a = xp.zeros_like(x_a)
-    dus = []
-    for u in us:
-        p, s = (u * x_a).sum(axis=-1, keepdims=True), (u * u).sum(axis=-1, keepdims=True)
-        dp, ds = 2.0 * p * s * gk, p * p * gk
-        dx_a += dp * u
-        dus.append(dp * x_a + 2.0 * ds * u)
-    dO = xp.stack(gram_schmidt_backward(dus, us, tape), axis=1)          # [N*K, K-1, R]
-    dY = dx_a.reshape(N, K, R) + xp.einsum("ajb,najr->nbr", P, dO.reshape(N, K, K - 1, R))
-    return dY
-
-
 def span_per_token_fast(A, eps):
     """Same as ``ortho_span.span_per_token(A, eps)``; returns (per_token [N], L or None)."""
     xp = array_namespace(A)
     L = _cholesky_rows(gram(A).astype(xp.float64)) if A.shape[1] > 1 else None   # K = 1: no other slot
     if L is None:
         return span_per_token(A, eps), None
-    per_token, tape = span_rows(L, eps)
-    return per_token.astype(A.dtype), (L, tape)
+    per_token, runs = ref_span_runs(xp, L, eps)                          # the K runs batched over N*K groups
+    return per_token.astype(A.dtype), (L, runs)
 
 
 def span_backward_fast(g, A, L, eps):
@@ -112,8 +68,8 @@ def span_backward_fast(g, A, L, eps):
     xp = array_namespace(A)
     if L is None:
         return span_backward(g, A, eps)
-    L, tape = L
-    dL = span_rows_backward(g.astype(xp.float64), L, tape)              # [N, K, K] on the rows of L
+    L, runs = L
+    dL = ref_span_runs_backward(xp, g.astype(xp.float64), runs, L.shape[1])   # [N, K, K] on the rows of L
     T = xp.tril(L.swapaxes(1, 2) @ dL)
     phi = 0.5 * (T + xp.tril(T, -1).swapaxes(1, 2))
     Linv = xp.linalg.inv(L)                                              # [N, K, K] small, batched

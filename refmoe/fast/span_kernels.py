@@ -52,8 +52,14 @@ def ref_span_forward(xp, A, eps):
 def ref_span_backward(xp, g, A, eps):
     """(per_token [N], dA [N, K, D]): the value and the gradient of sum_n g_n per_token_n
     (``ortho_span.span_per_token`` and ``ortho_span.span_backward``).  g: [N]."""
-    N, K, D = A.shape
-    per_token, (x_a, us, tape) = ref_span_runs(xp, A, eps)
+    per_token, runs = ref_span_runs(xp, A, eps)
+    return per_token, ref_span_runs_backward(xp, g, runs, A.shape[1])
+
+
+def ref_span_runs_backward(xp, g, runs, K):
+    """dA [N, K, D] of sum_n g_n per_token_n from the tape ``runs`` of :func:`ref_span_runs`.  g: [N]."""
+    x_a, us, tape = runs
+    N, D = g.shape[0], x_a.shape[1]
     gk = xp.repeat(g, K)[:, None]                                          # [N*K, 1]
     dA = xp.zeros_like(x_a)                                                # [N*K, D] run a's own slot
     dus = []
@@ -68,7 +74,7 @@ def ref_span_backward(xp, g, A, eps):
         dcol = dcol.reshape(N, K, D)
         for a in range(K):
             dA[:, oth[a, j]] += dcol[:, a]
-    return per_token, dA
+    return dA
 
 
 CPU_CHUNK = 64      # tokens per call of the references on NumPy: the runs' vectors then stay in the CPU caches
