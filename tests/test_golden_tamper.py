@@ -2,6 +2,7 @@
 exit 2 (or fails the check with exit 1 when it is a plain mismatch), and nothing outside the given directories
 is read or written. Each test builds its tampered directories in tmp_path."""
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -382,20 +383,26 @@ def _peak_mib(fn):
         tracemalloc.stop()
 
 
-def test_a_bomb_with_a_wrong_shape_fails_from_its_header(golden, tmp_path):
-    """Header shape (2**23,) float64 (64 MiB of deflated zeros): a failing row, without decompressing."""
+def _dump_with_zeros_in_y(golden, tmp_path, head: bytes):
+    """A dump of case base whose member inter/y is ``head`` followed by 64 MiB of zeros (deflated to ~64 KiB);
+    every other member as in the golden case. Returns the dump folder."""
     dump = tmp_path / "dump"
     dump.mkdir()
-    arrays = load_npz(str(golden / "base.npz"))
     with zipfile.ZipFile(dump / "base.npz", "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for k, v in arrays.items():
+        for k, v in load_npz(str(golden / "base.npz")).items():
             with zf.open(k + ".npy", "w", force_zip64=True) as f:
-                if k == "inter/y":
-                    f.write(_npy_header((2 ** 23,)))
-                    for _ in range(64):
-                        f.write(bytes(1 << 20))
-                else:
+                if k != "inter/y":
                     np.lib.format.write_array(f, v)
+                    continue
+                f.write(head)
+                for _ in range(64):
+                    f.write(bytes(1 << 20))
+    return dump
+
+
+def test_a_bomb_with_a_wrong_shape_fails_from_its_header(golden, tmp_path):
+    """Header shape (2**23,) float64 (64 MiB of deflated zeros): a failing row, without decompressing."""
+    dump = _dump_with_zeros_in_y(golden, tmp_path, _npy_header((2 ** 23,)))
     assert os.path.getsize(dump / "base.npz") < 2 ** 20
     reports = []
     assert _peak_mib(lambda: reports.append(check_dump(str(golden), str(dump), cases=["base"]))) < 8
@@ -405,16 +412,9 @@ def test_a_bomb_with_a_wrong_shape_fails_from_its_header(golden, tmp_path):
 
 def test_a_member_declaring_more_bytes_than_its_shape_needs_is_refused(golden, tmp_path, capsys):
     """Right header (8, 6) float64, but 64 MiB of uncompressed size declared: refused before reading."""
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    arrays = load_npz(str(golden / "base.npz"))
-    with zipfile.ZipFile(dump / "base.npz", "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for k, v in arrays.items():
-            with zf.open(k + ".npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, v)
-                if k == "inter/y":
-                    for _ in range(64):
-                        f.write(bytes(1 << 20))
+    y = io.BytesIO()
+    np.lib.format.write_array(y, load_npz(str(golden / "base.npz"))["inter/y"])
+    dump = _dump_with_zeros_in_y(golden, tmp_path, y.getvalue())
     errors = []
 
     def run():
