@@ -26,9 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import array_namespace
-from ..objective import Objective
-
-TERMS = ("task", "aux", "ortho", "var")
+from ..objective import TERMS, Objective
 
 
 def rank_rows(n_tokens: int, comm) -> slice:

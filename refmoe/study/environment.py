@@ -12,6 +12,8 @@ import platform
 
 import numpy as np
 
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")   # what sets a BLAS's thread count
+
 
 def _blas_threads():
     """The BLAS thread count: threadpoolctl where installed, else OpenBLAS's own getter in the loaded library,
@@ -49,7 +51,7 @@ def environment() -> dict:
         blas = f"{b.get('name', '?')} {b.get('version', '')}".strip()
     except Exception:                          # older NumPy: no mode="dicts"
         pass
-    env = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    env = {k: os.environ[k] for k in THREAD_VARS if k in os.environ}
     return {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
             "blas": blas, "blas_threads": _blas_threads(), "thread_env": env, "platform": platform.platform(),
             "machine": platform.machine(), "cpus": os.cpu_count()}

@@ -22,9 +22,7 @@ import os
 import queue as queue_mod
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-from .environment import environment
-
-THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+from .environment import THREAD_VARS, environment
 
 _events = None                      # in a worker: the queue back to the parent
 

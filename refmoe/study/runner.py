@@ -112,16 +112,23 @@ class SeedStart(NamedTuple):
 
 @functools.lru_cache(maxsize=2)
 def seed_data(study: StudyConfig, seed: int) -> tuple:
-    """The seed's task and held-out sets, and the fine-tuning batches every run of the seed shares
-    (drawn once per process; the same arrays as drawing them in each run)."""
+    """The seed's task and its two held-out sets (drawn once per process)."""
     dtype = np.dtype(study.dtype)
     task = D_.make_task(np.random.default_rng(seed), d_model=study.d_model, n_clusters=study.n_clusters,
                         n_narrow=study.n_narrow, noise=study.noise)
     held = {dom: D_.sample(task, np.random.default_rng([seed, 7, i]), study.eval_tokens, domain=dom,
                            backend=study.backend, dtype=dtype) for i, dom in enumerate(("narrow", "broad"))}
-    batches = draw_batches(task, np.random.default_rng([seed, 13]), steps=study.finetune_steps,
-                           batch_size=study.batch_size, domain="narrow", backend=study.backend, dtype=dtype)
-    return task, held, batches
+    return task, held
+
+
+@functools.lru_cache(maxsize=2)
+def seed_batches(study: StudyConfig, seed: int) -> list:
+    """The fine-tuning batches every run of the seed shares (drawn once per process; the same arrays as drawing
+    them in each run)."""
+    task, _ = seed_data(study, seed)
+    return draw_batches(task, np.random.default_rng([seed, 13]), steps=study.finetune_steps,
+                        batch_size=study.batch_size, domain="narrow", backend=study.backend,
+                        dtype=np.dtype(study.dtype))
 
 
 def _logger(status, seed, tag):
@@ -140,7 +147,7 @@ def pretrain_seed(study: StudyConfig, seed: int, *, status: Callable[[str], None
     task = D_.make_task(rng, d_model=study.d_model, n_clusters=study.n_clusters, n_narrow=study.n_narrow,
                         noise=study.noise)                                  # = seed_data's task, same draws
     params0 = init_params(cfg, rng, dtype, backend=study.backend)
-    _, held, _ = seed_data(study, seed)
+    _, held = seed_data(study, seed)
     if on_run is not None:
         on_run(f"seed {seed} pretrain", study.pretrain_steps)
     pre = train_phase(params0, cfg, pretrain_objective(study.pretrain_alpha), task, rng,
@@ -167,7 +174,8 @@ def finetune_run(study: StudyConfig, start: SeedStart, preset: str, run: RunId, 
                  comm=None) -> dict:
     """One phase-2 run from the seed's checkpoint, on the seed's shared batches, and its evaluation."""
     cfg, seed = study.moe_config(), start.seed
-    task, held, batches = seed_data(study, seed)
+    task, held = seed_data(study, seed)
+    batches = seed_batches(study, seed)
     if on_run is not None:
         on_run(f"seed {seed} {preset}:{run.label}", study.finetune_steps)
     ft = train_phase(dict(start.params), cfg, run.objective(start.objectives[preset]), task, None,

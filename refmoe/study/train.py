@@ -31,9 +31,9 @@ from ..objective import PRESETS, Objective, objective_backward, objective_forwar
 from . import data as D_
 from .alignment import GROUPS, cosine_matrix, gradient_norms, routing_discriminativeness
 from .metrics import max_vio_array
+from .optim import AdamConfig, adam_init, adam_step
 
 FAST_BACKENDS = ("cupy",)            # backends whose non-logging steps run on refmoe.fast.objective_step
-from .optim import AdamConfig, adam_init, adam_step
 
 # name -> (use L_aux, use L_o, use L_v)
 COMBOS = {
@@ -169,7 +169,7 @@ def data_parallel_train_step(comm, params: dict, opt_state, batch: D_.Batch, cfg
 
     res, dy = global_step(comm, params, batch, cfg, objective, per_term=per_term, check_replicas=check_replicas)
     params, opt_state = adam_step(params, res.grads["total"], opt_state, adam)
-    return params, opt_state, res, _f(res.losses["task"]), dy
+    return params, opt_state, res, res.losses["task"], dy
 
 
 def train_phase(params: dict, cfg: MoEConfig, objective: Objective, task: D_.ClusterTask, rng, *,
