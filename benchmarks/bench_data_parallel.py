@@ -38,13 +38,10 @@ def _rank(args, rank: int, port: int, outdir: str) -> None:
     from peers_env import SHAPES, make_inputs, objective_of, presets
     from refmoe.distributed import SingleProcess, data_parallel_step, nccl_communicator
     from refmoe.fast import moe_forward
+    from refmoe.study.data_parallel import rank_rows
 
     inp = make_inputs(args.shape, np.float32)
     obj = objective_of(presets()[args.preset])
-    N = inp.x.shape[0]
-    base, extra = divmod(N, args.world)
-    start = rank * base + min(rank, extra)
-    rows = slice(start, start + base + (rank < extra))
     B, T = SHAPES[args.shape][7]
     if B % args.world == 0:
         batch_shape = (B // args.world, T)                       # whole sequences per rank: N = B T
@@ -66,6 +63,7 @@ def _rank(args, rank: int, port: int, outdir: str) -> None:
 
         def sync():
             pass
+    rows = rank_rows(inp.x.shape[0], comm)                        # contiguous, sizes differ by at most one
     params = {k: xp.asarray(v) for k, v in inp.params.items()}
     batch = SimpleNamespace(x=xp.asarray(inp.x[rows]), target=xp.asarray(target[rows]))
     fwd = moe_forward
