@@ -26,6 +26,7 @@ import numpy as np
 from ..backend import array_namespace, to_numpy
 from ..config import MoEConfig
 from . import kernels as kn
+from .blas import matmul as mm
 
 
 def unsupported(cfg: MoEConfig):
@@ -126,23 +127,27 @@ class Tape:
 
 def _swiglu_forward(xp, x, w_gate, w_up, w_down):
     """(out, a, b): out = (silu(x Wg) * (x Wu)) Wd, batched over a leading axis when there is one."""
-    a = x @ w_gate                                                                # [M, H]
-    b = x @ w_up                                                                  # [M, H]
+    a = mm(xp, x, w_gate)                                                         # [M, H]
+    b = mm(xp, x, w_up)                                                           # [M, H]
     h = kn.swiglu_forward_ew(xp, a, b)                                            # [M, H]
-    return h @ w_down, a, b
+    return mm(xp, h, w_down), a, b
 
 
-def _swiglu_backward(xp, dout, x, a, b, w_gate, w_up, w_down):
-    """(dx, dw_gate, dw_up, dw_down) of :func:`_swiglu_forward`; a and b are overwritten."""
-    dh = dout @ w_down.swapaxes(-1, -2)                                           # [M, H]
+def _swiglu_backward(xp, dout, x, a, b, w_gate, w_up, w_down, dx=None, accumulate=False):
+    """(dx, dw_gate, dw_up, dw_down) of :func:`_swiglu_forward`; a and b are overwritten.
+
+    dx: None (a new [M, D] array), an [M, D] buffer the gradient of x is written into (it may be ``dout``'s
+    own, which is last read before), or, with ``accumulate``, the buffer it is added to.
+    """
+    dh = mm(xp, dout, w_down.swapaxes(-1, -2))                                    # [M, H]
     h, da, db = kn.swiglu_backward_ew(xp, dh, a, b)                               # over (dh, a, b)
-    dw_down = h.swapaxes(-1, -2) @ dout                                           # [H, D]
+    dw_down = mm(xp, h.swapaxes(-1, -2), dout)                                    # [H, D]
     del h, dh
-    dw_gate = x.swapaxes(-1, -2) @ da                                             # [D, H]
-    dw_up = x.swapaxes(-1, -2) @ db                                               # [D, H]
-    dx = da @ w_gate.swapaxes(-1, -2)                                             # [M, D]
+    dw_gate = mm(xp, x.swapaxes(-1, -2), da)                                      # [D, H]
+    dw_up = mm(xp, x.swapaxes(-1, -2), db)                                        # [D, H]
+    dx = mm(xp, da, w_gate.swapaxes(-1, -2), out=dx, accumulate=accumulate)       # [M, D]
     del da
-    dx += db @ w_up.swapaxes(-1, -2)
+    mm(xp, db, w_up.swapaxes(-1, -2), out=dx, accumulate=True)
     return dx, dw_gate, dw_up, dw_down
 
 
@@ -174,7 +179,7 @@ def layer_forward(x, params: dict, cfg: MoEConfig, *, layout=None, capacity=None
     layout = layout or ("padded" if xp.__name__ == "cupy" else "sorted")
     N, D = x.shape
     renorm = _renorm(cfg)
-    logits = x @ params["w_router"].T                                             # [N, E]
+    logits = mm(xp, x, params["w_router"].T)                                      # [N, E]
     scores, topk_idx, gates, denom = kn.softmax_topk(xp, logits, cfg.top_k, renorm, float(cfg.gate_eps),
                                                      float(cfg.routed_scaling_factor))   # [N, E], [N, K], [N]
     plan = plan_rows(topk_idx, cfg.n_experts, layout, capacity)
@@ -206,22 +211,20 @@ def layer_backward(dy, expert_out, tape: Tape, d_scores=None, d_expert_out=None)
     xp = array_namespace(dy)
     t, cfg, p = tape, tape.cfg, tape.params
     grads = {}
-    d_gates = (expert_out @ dy[:, :, None])[:, :, 0]                              # combine: [N, K]
+    d_gates = mm(xp, expert_out, dy[:, :, None])[:, :, 0]                        # combine: [N, K]
     del expert_out
     plan = t.plan
     d_rows = kn.combine_backward_rows(xp, t.gates, dy, d_expert_out, plan.src)    # combine: [R, D]
     del d_expert_out
     d_logits = kn.router_backward(xp, d_gates, t.scores, t.topk_idx, t.denom, t.renorm,
                                   float(cfg.routed_scaling_factor), d_scores)     # router: [N, E]
-    dx_router, grads["w_router"] = d_logits @ p["w_router"], d_logits.T @ t.x    # [N, D], [E, D]
+    dx_base = mm(xp, d_logits, p["w_router"])                                    # router: [N, D]
+    grads["w_router"] = mm(xp, d_logits.T, t.x)                                   # [E, D]
     del d_logits
-    dx_base = dx_router
-    if cfg.n_shared:                                                              # shared experts
-        dx_shared, grads["shared_w_gate"], grads["shared_w_up"], grads["shared_w_down"] = _swiglu_backward(
-            xp, dy, t.x, t.take("a_s"), t.take("b_s"), p["shared_w_gate"], p["shared_w_up"], p["shared_w_down"])
-        dx_base = dx_router + dx_shared
-        del dx_shared
-    del dx_router
+    if cfg.n_shared:                                                              # shared experts, added
+        _, grads["shared_w_gate"], grads["shared_w_up"], grads["shared_w_down"] = _swiglu_backward(
+            xp, dy, t.x, t.take("a_s"), t.take("b_s"), p["shared_w_gate"], p["shared_w_up"], p["shared_w_down"],
+            dx=dx_base, accumulate=True)
     dx_rows, grads["w_gate"], grads["w_up"], grads["w_down"] = _experts_backward(xp, d_rows, t)   # [R, D]
     del d_rows
     grads["x"] = kn.slot_sum(xp, dx_rows, plan.slot, dx_base)                     # [N, D] fan-in of x
@@ -235,8 +238,9 @@ def _experts_backward(xp, d_rows, t: Tape):
     x_rows, a, b = t.take("x_rows"), t.take("a"), t.take("b")
     if plan.layout == "padded":
         C = plan.C
-        dx, dwg, dwu, dwd = _swiglu_backward(xp, d_rows.reshape(E, C, D), x_rows.reshape(E, C, D),
-                                             a.reshape(E, C, H), b.reshape(E, C, H), wg, wu, wd)
+        d_out = d_rows.reshape(E, C, D)                                           # its buffer takes dx
+        dx, dwg, dwu, dwd = _swiglu_backward(xp, d_out, x_rows.reshape(E, C, D), a.reshape(E, C, H),
+                                             b.reshape(E, C, H), wg, wu, wd, dx=d_out)
         return dx.reshape(-1, D), dwg, dwu, dwd
     dx = xp.zeros_like(x_rows)
     dwg, dwu, dwd = xp.zeros_like(wg), xp.zeros_like(wu), xp.zeros_like(wd)

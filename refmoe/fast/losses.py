@@ -24,6 +24,7 @@ from ..losses.aux import AUX_VARIANTS, AuxInputs, routing_map
 from ..losses.ortho import PLAIN_RANGE
 from ..losses.variance import VAR_VARIANTS
 from . import kernels as kn
+from .blas import matmul as mm
 from .layer import expert_ranks
 
 
@@ -76,7 +77,7 @@ def pairwise(A, coef: float, eps: float, valid):
     """
     xp = array_namespace(A)
     N, K, D = A.shape
-    G = A @ A.swapaxes(1, 2)                                                        # [N, K, K]
+    G = mm(xp, A, A.swapaxes(1, 2))                                                 # [N, K, K]
     nrm = xp.diagonal(G, axis1=1, axis2=2)                                          # [N, K] ||x_k||^2
     den = nrm + eps
     den = den + (den <= 0).astype(A.dtype)
@@ -88,7 +89,7 @@ def pairwise(A, coef: float, eps: float, valid):
     dw = (eps - nrm) / (den * den * den)                                            # [N, K]
     Cm = M + M.swapaxes(1, 2) + xp.eye(K, dtype=A.dtype) * (q * dw)[:, :, None]     # [N, K, K]
     g = valid * A.dtype.type(coef)                                                  # [N]
-    dA = (2.0 * g)[:, None, None] * Cm @ A                                          # [N, K, D]
+    dA = mm(xp, (2.0 * g)[:, None, None] * Cm, A)                                   # [N, K, D]
     # max|x| lies in [||x|| / sqrt(D), ||x||]: inside PLAIN_RANGE for sure when these bounds are
     lo, hi = PLAIN_RANGE[A.dtype.name]
     ok = ((nrm >= lo * lo * D) & (nrm <= hi * hi)).all()
