@@ -4,6 +4,8 @@ Dimension letters: N tokens, D model, E experts, K top-k.
 
     refmoe            refmoe.fast.objective_step(x, params, cfg, obj, dy, keep_cache=False): the fused kernels,
                       one host read for C and one for the status
+    refmoe_sorted     the same with layout="sorted": the experts' own rows (no padding), each projection one
+                      grouped cuBLAS call (one host read of the E loads)
     refmoe_graph      refmoe.fast.GraphedStep(x, params, cfg, obj, dy)(): the same step replayed from a CUDA
                       graph (static C; eager where capture is impossible, e.g. on NumPy)
     refmoe_objective  refmoe.objective_forward_backward(x, params, cfg, dy, obj, per_term=False,
@@ -49,9 +51,11 @@ class RefmoePeer:
     def step(self):
         if self.variant == "refmoe_gram":
             return self._step_gram()
-        if self.variant in ("refmoe", "refmoe_graph"):
+        if self.variant in ("refmoe", "refmoe_sorted", "refmoe_graph"):
+            layout = "sorted" if self.variant == "refmoe_sorted" else None
             r = self.graphed() if self.graphed is not None else refmoe.fast.objective_step(
-                self.x, self.params, self.cfg, self.obj, self.dy, batch_shape=self.batch_shape, keep_cache=False)
+                self.x, self.params, self.cfg, self.obj, self.dy, batch_shape=self.batch_shape, keep_cache=False,
+                layout=layout)
             return r.y, r.grads["total"], (r.losses["aux"], r.losses["ortho"], r.losses["var"])
         r = refmoe.objective_forward_backward(self.x, self.params, self.cfg, self.dy, self.obj, per_term=False,
                                               batch_shape=self.batch_shape, forward=self.forward)

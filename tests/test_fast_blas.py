@@ -94,3 +94,32 @@ def test_matmul_is_captured_in_a_cuda_graph(xp, rng):
         stream.synchronize()
         want = np.tanh(host(a)) @ host(b) + host(a) @ host(b)
         assert rel_error(host(out), want) < TOL[np.float32]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grouped_matmul_equals_one_product_per_group(xp, rng, dtype):
+    """The experts' own rows (sizes 0 to 9, one group empty), forward-style, transposed (a weight gradient),
+    and accumulated."""
+    sizes = [3, 0, 9, 1, 5]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    R, D, H, E = int(starts[-1]), 6, 4, len(sizes)
+    rows, w = _rand(xp, rng, (R, D), dtype), _rand(xp, rng, (E, H, D), dtype)
+    out = xp.full((R, H), np.nan, dtype=dtype)
+    blas.grouped_matmul(xp, [(rows[lo:hi], w[e].T, out[lo:hi]) for e, (lo, hi) in
+                             enumerate(zip(starts[:-1], starts[1:])) if lo < hi])
+    want = np.concatenate([host(rows)[lo:hi] @ host(w)[e].T for e, (lo, hi) in
+                           enumerate(zip(starts[:-1], starts[1:]))])
+    assert rel_error(host(out), want) < TOL[dtype]
+    base = _rand(xp, rng, (R, H), dtype)
+    acc = base.copy()
+    blas.grouped_matmul(xp, [(rows[lo:hi], w[e].T, acc[lo:hi]) for e, (lo, hi) in
+                             enumerate(zip(starts[:-1], starts[1:])) if lo < hi], accumulate=True)
+    assert rel_error(host(acc), host(base) + want) < TOL[dtype]
+    dw = xp.full((E, D, H), np.nan, dtype=dtype)                             # x^T da per expert; empty: 0
+    blas.grouped_matmul(xp, [(rows[lo:hi].T, out[lo:hi], dw[e]) for e, (lo, hi) in
+                             enumerate(zip(starts[:-1], starts[1:]))])
+    for e, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+        want_e = host(rows)[lo:hi].T @ host(out)[lo:hi]
+        assert rel_error(host(dw[e]), want_e) < TOL[dtype] if hi > lo else not host(dw[e]).any()
+    with pytest.raises(ValueError, match="does not chain"):
+        blas.grouped_matmul(xp, [(rows[:3], w[0], out[:3])])

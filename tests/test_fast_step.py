@@ -157,8 +157,8 @@ def test_graphed_step_equals_the_eager_step(xp, rng):
     step = fast.GraphedStep(x, params, cfg, obj, dy, batch_shape=(2, 32))
     if xp is np:
         assert step.mode == "eager" and "CuPy" in step.reason
-    elif step.mode == "eager":                 # CuPy 14.2 refuses cuBLAS calls inside a stream capture
-        assert "cuBLAS" in step.reason, step.reason
+    else:                                      # the products go through refmoe.fast.blas: capturable
+        assert step.mode == "graph", step.reason
     for scale in (1.0, 0.5, 3.0):                                      # new inputs into the same graph
         x2 = (scale * x).astype(np.float32)
         r0 = fast.objective_step(x2, params, cfg, obj, dy, batch_shape=(2, 32))

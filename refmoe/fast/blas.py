@@ -3,6 +3,9 @@ r"""Matrix products of the fast path that a CUDA graph can capture, with an outp
 Dimension letters: B batch, M rows, P inner, Q columns.
 
     matmul(xp, a, b, out=None, accumulate=False)     out (+)= a @ b      a [(B,) M, P], b [(B,) P, Q]
+    grouped_matmul(xp, groups, accumulate=False)     out_g (+)= a_g @ b_g for (a_g, b_g, out_g) in groups,
+                                                     each with its own M_g, P_g, Q_g (one call: the experts'
+                                                     own rows, no padding)
 
 On NumPy it is ``np.matmul`` (``out`` and ``accumulate`` as written). On CuPy, with the kernels on
 (``refmoe.fast.switch``), it calls cuBLAS's ``{S,D}gemm(StridedBatched)`` itself, on a handle this module
@@ -49,6 +52,37 @@ def matmul(xp, a, b, out=None, accumulate=False):
             return out
         return xp.matmul(a, b, out=out) if out is not None else xp.matmul(a, b)
     return _gemm(xp, a, b, out, accumulate)
+
+
+def grouped_matmul(xp, groups, accumulate=False):
+    """out_g = a_g @ b_g (``+=`` with ``accumulate``) for every (a_g [M_g, P_g], b_g [P_g, Q_g], out_g [M_g, Q_g])
+    in ``groups``; out_g has unit column stride (a row block of a C-ordered array). On CuPy one cuBLAS
+    ``{S,D}gemmGroupedBatched`` call (its device pointer arrays are one small host->device copy, so this call is
+    not for a graph); elsewhere, or without that entry point, one :func:`matmul` per group. A group with P_g = 0
+    gets zeros (or is left as it is with ``accumulate``)."""
+    groups = [g for g in groups if g[2].size]
+    for a, b, out in groups:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or tuple(out.shape) != (a.shape[0], b.shape[1]) \
+                or not a.dtype == b.dtype == out.dtype:
+            raise ValueError(f"grouped_matmul: group {tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(out.shape)} "
+                             f"does not chain, or the dtypes differ")
+    live = [g for g in groups if g[0].shape[1]]
+    if not accumulate:
+        for a, b, out in groups:
+            if not a.shape[1]:
+                out.fill(0)
+    if not live:
+        return
+    dtype = live[0][0].dtype
+    fn = None
+    if kernels_on(xp) and dtype in (np.float32, np.float64) and _library():
+        fn = getattr(_STATE["lib"], "cublasSgemmGroupedBatched" if dtype == np.float32
+                     else "cublasDgemmGroupedBatched", None)
+    if fn is None:
+        for a, b, out in live:
+            matmul(xp, a, b, out=out, accumulate=accumulate)
+        return
+    _grouped_gemm(xp, fn, live, dtype, accumulate)
 
 
 def mode() -> str:
@@ -182,4 +216,34 @@ def _gemm(xp, a, b, out, accumulate):
     return out
 
 
-__all__ = ["matmul", "mode", "WORKSPACE_BYTES"]
+def _grouped_gemm(xp, fn, groups, dtype, accumulate):
+    import cupy
+    G = len(groups)
+    ints = lambda values: (ctypes.c_int * G)(*values)                           # noqa: E731
+    cols = {"ta": [], "tb": [], "m": [], "n": [], "k": [], "lda": [], "ldb": [], "ldc": []}
+    ptrs, keep = [[], [], []], []
+    item = np.dtype(dtype).itemsize
+    for a, b, out in groups:
+        if out.strides[1] != item or out.strides[0] < out.shape[1] * item or out.strides[0] % item:
+            raise ValueError("grouped_matmul: every out_g needs unit column stride (rows of a C-ordered array)")
+        a, op_a, ld_a, _ = _operand(xp, a)
+        b, op_b, ld_b, _ = _operand(xp, b)
+        keep += [a, b]
+        M, P, Q = a.shape[0], a.shape[1], b.shape[1]
+        for key, value in zip(cols, (op_b, op_a, Q, M, P, ld_b, ld_a, out.strides[0] // item)):
+            cols[key].append(value)
+        for i, t in enumerate((b, a, out)):
+            ptrs[i].append(t.data.ptr)
+    dev = cupy.asarray(np.array(ptrs, dtype=np.uint64))                          # [3, G] host -> device
+    scalar = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+    alpha, beta = (scalar * G)(*([1.0] * G)), (scalar * G)(*([1.0 if accumulate else 0.0] * G))
+    handle = _handle(cupy.cuda.get_current_stream().ptr)
+    _STATE["lib"].cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr))
+    row = lambda i: ctypes.c_void_p(dev[i].data.ptr)                            # noqa: E731
+    status = fn(handle, ints(cols["ta"]), ints(cols["tb"]), ints(cols["m"]), ints(cols["n"]), ints(cols["k"]),
+                alpha, row(0), ints(cols["lda"]), row(1), ints(cols["ldb"]), beta, row(2), ints(cols["ldc"]),
+                ctypes.c_int(G), ints([1] * G))                                  # G groups of one product
+    _check(status, "gemmGroupedBatched")
+
+
+__all__ = ["matmul", "grouped_matmul", "mode", "WORKSPACE_BYTES"]

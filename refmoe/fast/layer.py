@@ -26,7 +26,7 @@ import numpy as np
 from ..backend import array_namespace, to_numpy
 from ..config import MoEConfig
 from . import kernels as kn
-from .blas import matmul as mm
+from .blas import grouped_matmul, matmul as mm
 
 
 def unsupported(cfg: MoEConfig):
@@ -159,13 +159,28 @@ def _experts_forward(xp, x_rows, params, plan: Plan):
         out, a, b = _swiglu_forward(xp, x_rows.reshape(E, plan.C, D), wg, wu, wd)   # [E, C, .]
         return out.reshape(-1, D), a.reshape(-1, H), b.reshape(-1, H)
     R = x_rows.shape[0]
-    out = xp.empty((R, D), dtype=x_rows.dtype)
     a, b = xp.empty((R, H), dtype=x_rows.dtype), xp.empty((R, H), dtype=x_rows.dtype)
-    for e in range(E):
-        lo, hi = plan.offsets[e], plan.offsets[e + 1]
-        if lo < hi:
-            out[lo:hi], a[lo:hi], b[lo:hi] = _swiglu_forward(xp, x_rows[lo:hi], wg[e], wu[e], wd[e])
+    _per_expert(xp, plan, (x_rows, wg, a), (x_rows, wu, b))
+    h = kn.swiglu_forward_ew(xp, a, b)                                            # [R, H]
+    out = xp.empty((R, D), dtype=x_rows.dtype)
+    _per_expert(xp, plan, (h, wd, out))
     return out, a, b
+
+
+def _per_expert(xp, plan: Plan, *products, accumulate=False):
+    """For each (rows, w, out) and expert e: out[rows of e] (+)= rows[rows of e] @ w[e], as one grouped call.
+
+    ``rows`` may be given as ("T", array) for rows[rows of e].T @ w-rows (the weight gradients: w is then an
+    [R, .] array read by rows too, and out an [E, ., .] array written per expert)."""
+    groups = []
+    for rows, w, out in products:
+        for e in range(len(plan.offsets) - 1):
+            lo, hi = plan.offsets[e], plan.offsets[e + 1]
+            if isinstance(rows, tuple):
+                groups.append((rows[1][lo:hi].T, w[lo:hi], out[e]))
+            elif lo < hi:
+                groups.append((rows[lo:hi], w[e], out[lo:hi]))
+    grouped_matmul(xp, groups, accumulate=accumulate)
 
 
 def layer_forward(x, params: dict, cfg: MoEConfig, *, layout=None, capacity=None):
@@ -242,11 +257,14 @@ def _experts_backward(xp, d_rows, t: Tape):
         dx, dwg, dwu, dwd = _swiglu_backward(xp, d_out, x_rows.reshape(E, C, D), a.reshape(E, C, H),
                                              b.reshape(E, C, H), wg, wu, wd, dx=d_out)
         return dx.reshape(-1, D), dwg, dwu, dwd
-    dx = xp.zeros_like(x_rows)
-    dwg, dwu, dwd = xp.zeros_like(wg), xp.zeros_like(wu), xp.zeros_like(wd)
-    for e in range(E):
-        lo, hi = plan.offsets[e], plan.offsets[e + 1]
-        if lo < hi:
-            dx[lo:hi], dwg[e], dwu[e], dwd[e] = _swiglu_backward(
-                xp, d_rows[lo:hi], x_rows[lo:hi], a[lo:hi], b[lo:hi], wg[e], wu[e], wd[e])
+    # the sorted layout: _swiglu_backward's lines, each product one grouped call over the experts' rows
+    dh = xp.empty_like(a)
+    _per_expert(xp, plan, (d_rows, wd.swapaxes(1, 2), dh))                        # [R, H]
+    h, da, db = kn.swiglu_backward_ew(xp, dh, a, b)                               # over (dh, a, b)
+    dwd, dwg, dwu = xp.empty_like(wd), xp.empty_like(wg), xp.empty_like(wu)
+    _per_expert(xp, plan, (("T", h), d_rows, dwd), (("T", x_rows), da, dwg), (("T", x_rows), db, dwu))
+    del h, dh
+    dx = d_rows                                                                   # its buffer takes dx
+    _per_expert(xp, plan, (da, wg.swapaxes(1, 2), dx))
+    _per_expert(xp, plan, (db, wu.swapaxes(1, 2), dx), accumulate=True)
     return dx, dwg, dwu, dwd
