@@ -122,7 +122,7 @@ def profile_fast(peer: RefmoePeer, sync, reps: int, jax_peer=None) -> dict:
                                                                  valid), sync)
         t["ortho_" + forms["ortho"]], (l_o, d_eo, ok) = _timed(lambda: fast_losses.ortho(
             eo, forms["ortho"], obj.beta, eps, valid, tape.topk_idx, cfg.n_experts), sync)
-        t["layer_backward"], grads = _timed(lambda: fast_layer.layer_backward(peer.dy, eo, tape, d_scores=d_a + d_v,
+        t["layer_backward"], grads = _timed(lambda: fast_layer.layer_backward(peer.dy, tape, d_scores=d_a + d_v,
                                                                              d_expert_out=d_eo), sync)
         t["status_read"], _ = _timed(lambda: bool(to_numpy(xp.stack([xp.isfinite(y.sum()),
                                                                        *[xp.isfinite(g.sum()) for g in grads.values()]])).all()), sync)

@@ -133,20 +133,26 @@ def _swiglu_forward(xp, x, w_gate, w_up, w_down):
     return mm(xp, h, w_down), a, b
 
 
-def _swiglu_backward(xp, dout, x, a, b, w_gate, w_up, w_down, dx=None, accumulate=False):
-    """(dx, dw_gate, dw_up, dw_down) of :func:`_swiglu_forward`; a and b are overwritten.
+def _swiglu_backward(xp, dout, operands, w_gate, w_up, w_down, dx=None, accumulate=False):
+    """(dx, dw_gate, dw_up, dw_down) of :func:`_swiglu_forward`.
 
-    dx: None (a new [M, D] array), an [M, D] buffer the gradient of x is written into (it may be ``dout``'s
-    own, which is last read before), or, with ``accumulate``, the buffer it is added to.
+    operands: [x, a, b], handed over (the list is emptied: a and b are overwritten and each buffer is freed
+    after its last product, da before dw_up is allocated). dx: None (a new [M, D] array), an [M, D] buffer
+    the gradient of x is written into (it may be ``dout``'s own, last read before), or, with
+    ``accumulate``, the buffer it is added to.
     """
+    x, a, b = operands
+    operands.clear()
     dh = mm(xp, dout, w_down.swapaxes(-1, -2))                                    # [M, H]
     h, da, db = kn.swiglu_backward_ew(xp, dh, a, b)                               # over (dh, a, b)
+    del dh, a, b
     dw_down = mm(xp, h.swapaxes(-1, -2), dout)                                    # [H, D]
-    del h, dh
+    del h
     dw_gate = mm(xp, x.swapaxes(-1, -2), da)                                      # [D, H]
-    dw_up = mm(xp, x.swapaxes(-1, -2), db)                                        # [D, H]
     dx = mm(xp, da, w_gate.swapaxes(-1, -2), out=dx, accumulate=accumulate)       # [M, D]
     del da
+    dw_up = mm(xp, x.swapaxes(-1, -2), db)                                        # [D, H]
+    del x
     mm(xp, db, w_up.swapaxes(-1, -2), out=dx, accumulate=True)
     return dx, dw_gate, dw_up, dw_down
 
@@ -188,7 +194,8 @@ def layer_forward(x, params: dict, cfg: MoEConfig, *, layout=None, capacity=None
 
     The caller checked the inputs (``refmoe.fast.objective_step`` does, once per step). ``layout`` None is
     "padded" on CuPy and "sorted" on NumPy. The Tape also holds the reader's intermediates: logits, scores,
-    topk_idx, gates, shared_out.
+    topk_idx, gates, shared_out, and expert_out (the backward drops it once read: a caller that drops its own
+    reference before the backward frees those [N, K, D] early).
     """
     xp = array_namespace(x)
     layout = layout or ("padded" if xp.__name__ == "cupy" else "sorted")
@@ -209,7 +216,7 @@ def layer_forward(x, params: dict, cfg: MoEConfig, *, layout=None, capacity=None
     y = kn.combine(xp, gates, expert_out, shared_out)                             # [N, D]
     tape = Tape(x=x, params=params, cfg=cfg, renorm=renorm, logits=logits, scores=scores, topk_idx=topk_idx,
                 gates=gates, denom=denom, plan=plan, x_rows=x_rows, a=a, b=b, a_s=a_s, b_s=b_s,
-                shared_out=shared_out)
+                shared_out=shared_out, expert_out=expert_out, d_expert_out=None)
     return y, expert_out, tape
 
 
@@ -217,15 +224,19 @@ def layer_forward(x, params: dict, cfg: MoEConfig, *, layout=None, capacity=None
 # backward
 # ----------------------------------------------------------------------------------------------
 
-def layer_backward(dy, expert_out, tape: Tape, d_scores=None, d_expert_out=None) -> dict:
+def layer_backward(dy, tape: Tape, d_scores=None, d_expert_out=None) -> dict:
     """Gradients of <dy, y> + <d_scores, scores> + <d_expert_out, expert_out> for x and every parameter.
 
-    dy [N, D], expert_out [N, K, D] (the forward's; the caller may drop its own reference first, then this is
-    the last one), d_scores [N, E] or None, d_expert_out [N, K, D] or None. Consumes ``tape``.
+    dy [N, D], d_scores [N, E] or None, d_expert_out [N, K, D] or None. Consumes ``tape``, expert_out
+    included. ``d_expert_out`` may instead be left on the tape (``tape.d_expert_out``), which the backward
+    drops after its one use: so a caller holds neither [N, K, D] array through the backward.
     """
     xp = array_namespace(dy)
     t, cfg, p = tape, tape.cfg, tape.params
     grads = {}
+    expert_out = t.take("expert_out")
+    if d_expert_out is None:
+        d_expert_out = t.take("d_expert_out")
     d_gates = mm(xp, expert_out, dy[:, :, None])[:, :, 0]                        # combine: [N, K]
     del expert_out
     plan = t.plan
@@ -238,8 +249,8 @@ def layer_backward(dy, expert_out, tape: Tape, d_scores=None, d_expert_out=None)
     del d_logits
     if cfg.n_shared:                                                              # shared experts, added
         _, grads["shared_w_gate"], grads["shared_w_up"], grads["shared_w_down"] = _swiglu_backward(
-            xp, dy, t.x, t.take("a_s"), t.take("b_s"), p["shared_w_gate"], p["shared_w_up"], p["shared_w_down"],
-            dx=dx_base, accumulate=True)
+            xp, dy, [t.x, t.take("a_s"), t.take("b_s")], p["shared_w_gate"], p["shared_w_up"],
+            p["shared_w_down"], dx=dx_base, accumulate=True)
     dx_rows, grads["w_gate"], grads["w_up"], grads["w_down"] = _experts_backward(xp, d_rows, t)   # [R, D]
     del d_rows
     grads["x"] = kn.slot_sum(xp, dx_rows, plan.slot, dx_base)                     # [N, D] fan-in of x
@@ -254,17 +265,23 @@ def _experts_backward(xp, d_rows, t: Tape):
     if plan.layout == "padded":
         C = plan.C
         d_out = d_rows.reshape(E, C, D)                                           # its buffer takes dx
-        dx, dwg, dwu, dwd = _swiglu_backward(xp, d_out, x_rows.reshape(E, C, D), a.reshape(E, C, H),
-                                             b.reshape(E, C, H), wg, wu, wd, dx=d_out)
+        operands = [x_rows.reshape(E, C, D), a.reshape(E, C, H), b.reshape(E, C, H)]
+        del x_rows, a, b
+        dx, dwg, dwu, dwd = _swiglu_backward(xp, d_out, operands, wg, wu, wd, dx=d_out)
         return dx.reshape(-1, D), dwg, dwu, dwd
     # the sorted layout: _swiglu_backward's lines, each product one grouped call over the experts' rows
     dh = xp.empty_like(a)
     _per_expert(xp, plan, (d_rows, wd.swapaxes(1, 2), dh))                        # [R, H]
     h, da, db = kn.swiglu_backward_ew(xp, dh, a, b)                               # over (dh, a, b)
-    dwd, dwg, dwu = xp.empty_like(wd), xp.empty_like(wg), xp.empty_like(wu)
-    _per_expert(xp, plan, (("T", h), d_rows, dwd), (("T", x_rows), da, dwg), (("T", x_rows), db, dwu))
-    del h, dh
+    del dh, a, b
+    dwd, dwg = xp.empty_like(wd), xp.empty_like(wg)
+    _per_expert(xp, plan, (("T", h), d_rows, dwd), (("T", x_rows), da, dwg))
+    del h
     dx = d_rows                                                                   # its buffer takes dx
     _per_expert(xp, plan, (da, wg.swapaxes(1, 2), dx))
+    del da
+    dwu = xp.empty_like(wu)
+    _per_expert(xp, plan, (("T", x_rows), db, dwu))
+    del x_rows
     _per_expert(xp, plan, (db, wu.swapaxes(1, 2), dx), accumulate=True)
     return dx, dwg, dwu, dwd

@@ -98,14 +98,16 @@ def _step_on_device(x, params, cfg, obj, dy, valid_mask, batch_shape, capacity, 
     l_var, d_var, _ = fls.var(tape.scores, tape.topk_idx, forms["var"], obj.gamma, valid)
     o_form = forms["ortho"]
     o_eps = ORTHO_VARIANTS[o_form].default_eps if eps is None else float(eps)
-    l_o, d_eo, o_ok = fls.ortho(expert_out, o_form, obj.beta, o_eps, valid, tape.topk_idx, cfg.n_experts)
+    l_o, tape.d_expert_out, o_ok = fls.ortho(expert_out, o_form, obj.beta, o_eps, valid, tape.topk_idx,
+                                             cfg.n_experts)                        # the backward drops it
     cache = None
     if keep_cache:
         cache = core_layer.MoECache(tape.logits, tape.scores, tape.topk_idx, tape.gates, expert_out,
                                     tape.shared_out, x, cfg, dict(params), None, None, None, None)
     fits = tape.plan.fits                                                           # 0-d bool
-    grads = fl.layer_backward(dy, expert_out, tape, d_scores=d_aux + d_var, d_expert_out=d_eo)
-    del expert_out, d_eo, tape
+    del expert_out                                                                  # the tape's (and the cache's)
+    grads = fl.layer_backward(dy, tape, d_scores=d_aux + d_var)
+    del tape
     true = xp.ones((), dtype=bool)
     sums = xp.stack([g.sum() for g in grads.values()])                              # one sum per gradient
     losses_ok = xp.isfinite(xp.stack([l_aux, l_o, l_var])).all()
