@@ -11,7 +11,7 @@ from refmoe import MoEConfig, autoscale_weights, gradcheck, init_params, objecti
 from refmoe.fast import layer as fl
 from refmoe.gradcheck import rel_error
 
-from helpers import on, routing_key
+from helpers import host, on, routing_key
 
 CONFIGS = [MoEConfig(16, 8, 6, 2, n_shared=1), MoEConfig(12, 5, 5, 3, norm_topk_prob=False),
            MoEConfig(10, 6, 8, 4, routed_scaling_factor=2.5, n_shared=2)]
@@ -235,5 +235,29 @@ def test_step_with_a_task_function_checks_what_it_returns(xp, rng):
     assert list(status) == [k != "losses_finite" for k in fast.STATUS]
     with pytest.raises(ValueError, match="task_loss contains NaN"):    # status -> core -> the core's message
         fast.objective_step(x, params, cfg, obj, nan_loss)
-    with pytest.raises(TypeError, match="needs dy as an array"):
+    with pytest.raises(TypeError, match="task function as task="):
         fast.GraphedStep(x, params, cfg, obj, _residual_mse(x, target))
+
+
+def test_graphed_step_with_a_task_equals_the_eager_step(xp, rng):
+    """The task computed inside the graph from the step's buffers: new x and targets into the same graph give
+    the eager step's numbers (CuPy: a captured graph; NumPy: the eager step)."""
+    cfg = CONFIGS[0]
+    params, x, target = _inputs(xp, rng, cfg, np.float32, N=64)
+    obj = refmoe.PRESETS["paper"].replace(beta=0.1, gamma=0.01)
+    task = lambda y, x_, t_: _residual_mse(x_, t_)(y)                 # noqa: E731
+    step = fast.GraphedStep(x, params, cfg, obj, task=task, task_inputs=(target,), capacity=64, keep_cache=True)
+    assert step.mode == ("eager" if xp is np else "graph"), step.reason
+    for scale in (1.0, 0.5, 3.0):
+        x2, t2 = (scale * x).astype(np.float32), (target[::-1] * scale).astype(np.float32)
+        r0 = fast.objective_step(x2, params, cfg, obj, _residual_mse(x2, t2), capacity=64)
+        r1 = step(x=x2, task_inputs=(t2,))
+        _assert_equal(r0, r1, 1e-5)                                    # float32: measured 0 (same kernels)
+        assert float(host(r1.losses["task"])) == pytest.approx(float(host(r0.losses["task"])), rel=1e-6)
+        assert np.array_equal(host(r1.cache.topk_idx), host(r0.cache.topk_idx))
+    with pytest.raises(ValueError, match="task_inputs given"):
+        step(x=x, task_inputs=())
+    with pytest.raises(ValueError, match="computes dy with its task"):
+        step(dy=x)
+    with pytest.raises(ValueError, match="not both"):
+        fast.GraphedStep(x, params, cfg, obj, x, task=task, task_inputs=(target,))

@@ -13,6 +13,7 @@ from refmoe.objective import PRESETS, objective_forward_backward
 from refmoe.study import data as D
 from refmoe.study.optim import AdamConfig, adam_init
 from refmoe.study.runner import StudyConfig, run_seed
+import refmoe.study.train as train_mod
 from refmoe.study.train import COMBOS, RunId, combo_objective, train_phase, train_step
 
 from helpers import host
@@ -140,9 +141,10 @@ def test_the_study_configuration_is_on_the_fast_path():
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])   # measured 1e-16, 5e-8
-def test_train_phase_on_the_fast_path_equals_the_core_path(dtype, tol, monkeypatch):
-    # the path the study takes on CuPy (refmoe.fast.objective_step with the residual task as a function of y),
-    # forced on NumPy: the same losses, MaxVio and parameters as the core path, step by step
+def test_train_phase_on_the_fast_path_equals_the_core_path(xp, dtype, tol, monkeypatch):
+    # the path the study takes on CuPy (the phase's GraphedStep with the residual task inside, replayed from a
+    # CUDA graph, and Adam in place), and the same forced on NumPy (the step eager): the same losses, MaxVio and
+    # parameters as the core path, step by step
     import refmoe.fast.step as fast_step
     from refmoe.gradcheck import rel_error
     from refmoe.study.train import uses_fast_path
@@ -150,27 +152,34 @@ def test_train_phase_on_the_fast_path_equals_the_core_path(dtype, tol, monkeypat
     reruns = []
     core_step = fast_step.core_step
     monkeypatch.setattr(fast_step, "core_step", lambda *a: reruns.append(1) or core_step(*a))
+    graphs = []
+    real_graphed = train_mod.GraphedStep
+    monkeypatch.setattr(train_mod, "GraphedStep", lambda *a, **k: graphs.append(real_graphed(*a, **k)) or graphs[-1])
 
     assert uses_fast_path("cupy") and not uses_fast_path("cupy", per_term=True) and not uses_fast_path("numpy")
     st = StudyConfig(d_model=8, d_hidden=8, n_experts=4, top_k=2, n_clusters=4, batch_size=32)
     cfg = st.moe_config()
     obj = combo_objective(PRESETS["paper"].replace(alpha=3e-2, beta=0.1, gamma=0.05), "aux+ortho+var")
+    backend = xp.__name__
     runs = {}
     for fast in (False, True):
         rng = np.random.default_rng(3)
         task = D.make_task(rng, d_model=8, n_clusters=4, n_narrow=2, teacher_rank=4)
-        params = init_params(cfg, rng, dtype, backend="numpy")
+        params = init_params(cfg, rng, dtype, backend=backend)
+        before = {k: host(v).copy() for k, v in params.items()}
         logs = []
         runs[fast] = (train_phase(params, cfg, obj, task, rng, steps=12, batch_size=32, domain="broad",
                                   adam=AdamConfig(lr=1e-2), log_every=5, dtype=dtype, on_log=logs.append,
-                                  fast=fast), logs)
+                                  fast=fast, backend=backend), logs)
+        assert all(np.array_equal(host(params[k]), before[k]) for k in params)   # the phase updated a copy
     assert reruns == []                                                # the fast numbers, not the core's
+    assert len(graphs) == 1 and graphs[0].mode == ("eager" if xp is np else "graph")   # one capture serves
     (core, core_logs), (fast_, fast_logs) = runs[False], runs[True]
     assert [r.step for r in fast_logs] == [1, 5, 10, 12]              # logging steps: the core path, per term
     assert [s.maxvio for s in fast_.steps] == [s.maxvio for s in core.steps]       # the same routing
     assert rel_error(np.array([s.task for s in core.steps]), np.array([s.task for s in fast_.steps])) <= tol
     for k in core.params:
-        assert fast_.params[k].dtype == dtype and rel_error(core.params[k], fast_.params[k]) <= tol, k
+        assert fast_.params[k].dtype == dtype and rel_error(host(core.params[k]), host(fast_.params[k])) <= tol, k
     assert rel_error(fast_logs[-1].norms["experts"]["task"], core_logs[-1].norms["experts"]["task"]) <= tol
 
 

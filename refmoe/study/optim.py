@@ -11,7 +11,11 @@ For every parameter w with gradient g at step t = 1, 2, ...:
 
 ``decoupled=True`` (AdamW) applies the weight decay lambda directly as above; ``decoupled=False`` (Adam with
 L2) adds lambda w to g before the moments instead. Both follow ``torch.optim.Adam`` / ``AdamW`` exactly,
-which the tests use as an oracle. The update is pure: new arrays are returned, the inputs are not modified.
+which the tests use as an oracle. ``adam_step`` is pure: new arrays are returned, the inputs are not modified.
+``adam_step_inplace`` writes the same numbers into the parameters and moments themselves (a training loop
+replayed from a CUDA graph reads its parameters at fixed addresses); on CuPy it is one fused kernel per
+parameter instead of about eight, with every operation rounded as the array form rounds it (``__fmul_rn``
+and friends: no fused multiply-add), so the two agree bit for bit.
 Numerics: constants enter as Python floats, so float32 parameters stay float32.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 from typing import NamedTuple
 
 from ..backend import array_namespace
+from ..fast.switch import kernels_on
 
 
 class AdamState(NamedTuple):
@@ -89,3 +94,56 @@ def adam_step(params: dict, grads: dict, state: AdamState, config: AdamConfig = 
         new_p[k] = w - c.lr * step
         new_m[k], new_v[k] = m, v
     return new_p, AdamState(new_m, new_v, t)
+
+
+# the same arithmetic as adam_step, one operation per line, each correctly rounded (so no contraction to an FMA)
+_ADAM_PREAMBLE = """
+__device__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
+__device__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
+"""
+_ADAM_BODY = """
+T gg = l2 ? add_rn(g, mul_rn(wd, w)) : g;
+m = add_rn(mul_rn(b1, m), mul_rn(omb1, gg));
+v = add_rn(mul_rn(b2, v), mul_rn(omb2, mul_rn(gg, gg)));
+T step = div_rn(div_rn(m, bc1), add_rn(sqrt_rn(div_rn(v, bc2)), eps));
+if (decoupled) step = add_rn(step, mul_rn(wd, w));
+w = add_rn(w, -mul_rn(lr, step));
+"""
+_KERNEL = {}
+
+
+def adam_step_inplace(params: dict, grads: dict, state: AdamState, config: AdamConfig = AdamConfig()) -> AdamState:
+    """``adam_step`` written into ``params`` and the moments of ``state`` (same arrays, same numbers).
+    Returns the AdamState of the next step (the same moment dicts, t + 1)."""
+    xp = array_namespace(*params.values())
+    if not kernels_on(xp):
+        new_p, new_state = adam_step(params, grads, state, config)
+        for k, w in params.items():
+            w[...], state.m[k][...], state.v[k][...] = new_p[k], new_state.m[k], new_state.v[k]
+        return AdamState(state.m, state.v, new_state.t)
+    _check_config(config)
+    missing = [k for k in params if k not in grads]
+    if missing:
+        raise ValueError(f"grads lack {missing}")
+    c, t = config, state.t + 1
+    if "adam" not in _KERNEL:
+        _KERNEL["adam"] = xp.ElementwiseKernel(
+            "T g, T b1, T omb1, T b2, T omb2, T bc1, T bc2, T eps, T lr, T wd, bool l2, bool decoupled",
+            "T w, T m, T v", _ADAM_BODY, "refmoe_adam", preamble=_ADAM_PREAMBLE)
+    for k, w in params.items():
+        g = grads[k]
+        array_namespace(w, g)
+        if tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
+            raise ValueError(f"grads[{k!r}] is {g.dtype}{tuple(g.shape)}, parameter is {w.dtype}{tuple(w.shape)}")
+        T = w.dtype.type
+        _KERNEL["adam"](g, T(c.beta1), T(1.0 - c.beta1), T(c.beta2), T(1.0 - c.beta2), T(1.0 - c.beta1 ** t),
+                        T(1.0 - c.beta2 ** t), T(c.eps), T(c.lr), T(c.weight_decay),
+                        bool(c.weight_decay and not c.decoupled), bool(c.weight_decay and c.decoupled),
+                        w, state.m[k], state.v[k])
+    return AdamState(state.m, state.v, t)

@@ -8,10 +8,12 @@ gradient dy = dL_h/dout is computed by hand and passed, with the regularisers of
 ``objective_forward`` / ``objective_backward``; the update is the hand-written Adam of ``refmoe.study.optim``.
 The study around these (seeds, presets, the verdicts) is ``refmoe.study.runner``.
 
-On CuPy (``FAST_BACKENDS``) a step that is not a logging step runs on the fast path instead,
-``refmoe.fast.objective_step`` with the task as a function of y (the same numbers up to rounding, one host
-read per step: its status); logging steps need the per-term gradients and stay on the core path, and NumPy
-runs every step on the core path. The per-step records (L_h, MaxVio) are read to the host once per phase.
+On CuPy (``FAST_BACKENDS``) a step that is not a logging step runs on the fast path instead: the phase's
+``refmoe.fast.GraphedStep``, the fused step with the task computed from y inside it, captured once as a CUDA
+graph and replayed (the same numbers up to rounding, one host read per step: its status), and the update is
+``adam_step_inplace`` on the phase's own copy of the parameters (a graph reads them where they are). Logging
+steps need the per-term gradients and stay on the core path; NumPy runs every step on the core path. The
+per-step records (L_h, MaxVio) are read to the host once per phase.
 
 Phase 1 (pre-training) uses the broad mixture with L_h + alpha L_aux. Phase 2 starts from that checkpoint, with
 fresh Adam moments, and fine-tunes on the narrow domain under one loss combination (``COMBOS``), or, in the
@@ -25,13 +27,13 @@ import numpy as np
 
 from ..backend import array_namespace, to_numpy
 from ..config import MoEConfig
-from ..fast import objective_step
+from ..fast import GraphedStep, objective_step
 from ..losses.task import mse_backward, mse_forward
 from ..objective import PRESETS, Objective, objective_backward, objective_forward
 from . import data as D_
 from .alignment import GROUPS, cosine_matrix, gradient_norms, routing_discriminativeness
 from .metrics import max_vio_array
-from .optim import AdamConfig, adam_init, adam_step
+from .optim import AdamConfig, adam_init, adam_step, adam_step_inplace
 
 FAST_BACKENDS = ("cupy",)            # backends whose non-logging steps run on refmoe.fast.objective_step
 
@@ -124,6 +126,11 @@ def residual_task(x, target):
     return task
 
 
+def _residual(y, x, target):
+    """``residual_task(x, target)(y)``, in the argument order of ``GraphedStep``'s task."""
+    return residual_task(x, target)(y)
+
+
 def uses_fast_path(backend: str, per_term: bool = False) -> bool:
     """Whether ``train_step`` runs on ``refmoe.fast`` by default: CuPy, and not a logging step."""
     return backend in FAST_BACKENDS and not per_term
@@ -139,6 +146,14 @@ def train_step(params: dict, opt_state, batch: D_.Batch, cfg: MoEConfig, objecti
            load exceeds N: no host read for C) and dy kept inside the step (returned as None);
            False: the core path, ``objective_forward`` / ``objective_backward``.
     """
+    res, task, dy = step_gradients(params, batch, cfg, objective, per_term=per_term, fast=fast)
+    params, opt_state = adam_step(params, res.grads["total"], opt_state, adam)
+    return params, opt_state, res, task, dy
+
+
+def step_gradients(params: dict, batch: D_.Batch, cfg: MoEConfig, objective: Objective, *, per_term: bool = False,
+                   fast: bool | None = None):
+    """The gradients of one ``train_step``, without the update: (ObjectiveResult, L_h, dy or None)."""
     if fast is None:
         fast = uses_fast_path(array_namespace(batch.x).__name__, per_term)
     task_fn = residual_task(batch.x, batch.target)
@@ -146,13 +161,10 @@ def train_step(params: dict, opt_state, batch: D_.Batch, cfg: MoEConfig, objecti
         if per_term:
             raise ValueError("per_term=True needs the core path (the fast step returns the total gradient only)")
         res = objective_step(batch.x, params, cfg, objective, task_fn, capacity=batch.x.shape[0])
-        task, dy = res.losses["task"], None
-    else:
-        y, ocache = objective_forward(batch.x, params, cfg, objective)
-        task, dy = task_fn(y)
-        res = objective_backward(dy, ocache, task_loss=task, per_term=per_term)
-    params, opt_state = adam_step(params, res.grads["total"], opt_state, adam)
-    return params, opt_state, res, task, dy
+        return res, res.losses["task"], None
+    y, ocache = objective_forward(batch.x, params, cfg, objective)
+    task, dy = task_fn(y)
+    return objective_backward(dy, ocache, task_loss=task, per_term=per_term), task, dy
 
 
 def draw_batches(task: D_.ClusterTask, rng, *, steps: int, batch_size: int, domain: str, backend: str = "numpy",
@@ -182,22 +194,37 @@ def train_phase(params: dict, cfg: MoEConfig, objective: Objective, task: D_.Clu
     given, are the ``steps`` batches to use in order instead of drawing them from ``rng`` (the batches
     :func:`draw_batches` draws from the same ``rng``: the runs of a seed share them). ``comm``, a
     ``refmoe.distributed`` communicator, splits every batch over its ranks (:func:`data_parallel_train_step`).
-    ``fast`` is passed to every non-logging ``train_step`` (None: the fast path on CuPy; not used with ``comm``).
+    ``fast`` (None: CuPy; not used with ``comm``) runs the non-logging steps on the phase's
+    ``refmoe.fast.GraphedStep`` (a CUDA graph on CuPy, the eager fast step elsewhere) and updates a copy of
+    ``params`` in place (``adam_step_inplace``); otherwise every step is ``train_step`` on the core path.
     """
     if batches is not None and len(batches) != steps:
         raise ValueError(f"{len(batches)} batches given for steps={steps}")
-    opt = adam_init(params)
+    graphed = comm is None and (uses_fast_path(backend) if fast is None else fast)
+    if graphed:
+        params = {k: w.copy() for k, w in params.items()}  # the phase's own: updated in place, read by the graph
+    opt, replay = adam_init(params), None
     tasks, vios, logs = [], [], []                  # per step: L_h, MaxVio_batch (0-d, read after the loop)
     for s in range(1, steps + 1):
         batch = (batches[s - 1] if batches is not None else
                  D_.sample(task, rng, batch_size, domain=domain, backend=backend, dtype=dtype))
         logging = bool(log_every) and (s % log_every == 0 or s == 1 or s == steps)
-        if comm is None:
-            params, opt, res, l_h, dy = train_step(params, opt, batch, cfg, objective, adam, per_term=logging,
-                                                   fast=False if logging else fast)
-        else:
+        if comm is not None:
             params, opt, res, l_h, dy = data_parallel_train_step(comm, params, opt, batch, cfg, objective, adam,
                                                                  per_term=logging, check_replicas=s == 1)
+        elif not graphed:
+            params, opt, res, l_h, dy = train_step(params, opt, batch, cfg, objective, adam, per_term=logging,
+                                                   fast=False)
+        else:
+            if logging:
+                res, l_h, dy = step_gradients(params, batch, cfg, objective, per_term=True, fast=False)
+            else:
+                if replay is None:                  # capacity N: no load exceeds it, so one capture serves
+                    replay = GraphedStep(batch.x, params, cfg, objective, task=_residual,
+                                         task_inputs=(batch.target,), capacity=batch.x.shape[0], keep_cache=True)
+                res = replay(x=batch.x, task_inputs=(batch.target,))
+                l_h, dy = res.losses["task"].copy(), None    # the next replay overwrites the step's arrays
+            opt = adam_step_inplace(params, res.grads["total"], opt, adam)
         tasks.append(l_h)
         vios.append(max_vio_array(res.cache.topk_idx, cfg.n_experts))
         if logging:
