@@ -184,19 +184,23 @@ def test_train_phase_on_the_fast_path_equals_the_core_path(xp, dtype, tol, monke
 
 
 def test_train_phase_on_cupy_takes_the_fast_path_and_equals_numpy(cp, monkeypatch):
-    # on CuPy the non-logging steps go through refmoe.fast.objective_step (counted here), and the phase
+    # on CuPy the non-logging steps replay the phase's GraphedStep (its calls counted here), and the phase
     # gives NumPy's core-path numbers (float64)
     import refmoe.study.train as T
     from refmoe.gradcheck import rel_error
 
-    calls = []
+    built, calls = [], []
 
-    def counted(*args, **kw):
-        calls.append(kw.get("capacity"))
-        return objective_step(*args, **kw)
+    class Counted(T.GraphedStep):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            built.append(self)
 
-    objective_step = T.objective_step
-    monkeypatch.setattr(T, "objective_step", counted)
+        def __call__(self, *args, **kw):
+            calls.append(self.capacity)
+            return super().__call__(*args, **kw)
+
+    monkeypatch.setattr(T, "GraphedStep", Counted)
     cfg = MoEConfig(d_model=8, d_hidden=8, n_experts=4, top_k=2, n_shared=1)
     obj = combo_objective(PRESETS["paper"].replace(alpha=3e-2, beta=0.1, gamma=0.05), "aux+ortho+var")
     runs = {}
@@ -207,6 +211,7 @@ def test_train_phase_on_cupy_takes_the_fast_path_and_equals_numpy(cp, monkeypatc
         runs[backend] = train_phase(params, cfg, obj, task, rng, steps=12, batch_size=32, domain="broad",
                                     adam=AdamConfig(lr=1e-2), log_every=5, backend=backend, dtype=np.float64)
     assert calls == [32] * 8                                           # 12 steps, 4 of them logging steps
+    assert len(built) == 1 and built[0].mode == "graph" and built[0].captures == 1, built[0].reason
     a, b = runs["numpy"], runs["cupy"]
     assert [s.maxvio for s in a.steps] == [s.maxvio for s in b.steps]
     assert rel_error(np.array([s.task for s in a.steps]), np.array([s.task for s in b.steps])) <= 1e-10
