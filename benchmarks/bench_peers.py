@@ -50,7 +50,7 @@ from peers_refmoe import RefmoePeer, profile_fast, profile_refmoe  # noqa: E402
 
 IMPLS = ("refmoe", "refmoe_sorted", "refmoe_graph", "refmoe_objective", "refmoe_core", "refmoe_gram", "torch_batched",
          "torch_loop", "jax")
-DEFAULT_IMPLS = ("refmoe", "refmoe_sorted", "refmoe_graph", "refmoe_objective", "torch_batched", "torch_loop", "jax")
+DEFAULT_IMPLS = ("refmoe", "refmoe_graph", "refmoe_objective", "torch_batched", "torch_loop", "jax")
 TOL = {"float64": 1e-10, "float32": 1e-3}
 
 

@@ -8,7 +8,7 @@ set -u
 cd "$(dirname "$0")/.."
 LOGDIR="${OUT:-benchmarks/results}"
 mkdir -p "$LOGDIR" benchmarks/results
-JSON=benchmarks/results/2026-12-01_h200_peers_float32.json
+JSON=benchmarks/results/$(date -u +%F)_h200_peers_float32.json
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 

@@ -58,3 +58,11 @@ def test_jax_agrees_with_refmoe():
     assert not peers_env.configure("numpy", ["jax"], x64=True)
     table = bench_peers.agreement(_impls(["jax"], "authors_code"), "float64")
     assert max(table["jax"].values()) < 1e-10
+
+
+@pytest.mark.parametrize("preset_name", ["paper", "authors_code"])
+def test_refmoe_variants_agree_with_refmoe(preset_name):
+    """The sorted layout (grouped products) and the graph replay (eager on NumPy) against the padded step."""
+    table = bench_peers.agreement(_impls(["refmoe_sorted", "refmoe_graph"], preset_name), "float64")
+    for name in ("refmoe_sorted", "refmoe_graph"):
+        assert {"y", "dx", "dw_gate", "dw_down"} <= set(table[name]) and max(table[name].values()) < 1e-12

@@ -123,3 +123,10 @@ def test_grouped_matmul_equals_one_product_per_group(xp, rng, dtype):
         assert rel_error(host(dw[e]), want_e) < TOL[dtype] if hi > lo else not host(dw[e]).any()
     with pytest.raises(ValueError, match="does not chain"):
         blas.grouped_matmul(xp, [(rows[:3], w[0], out[:3])])
+
+
+def test_mode_says_which_path_the_products_take(xp):
+    m = blas.mode()                                                        # never raises, CuPy or not
+    assert m == "cublas" or m.startswith("cupy.matmul ("), m
+    if xp is not np:
+        assert m == "cublas"

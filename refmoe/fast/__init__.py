@@ -13,9 +13,11 @@ The API for a training loop or a study:
         the same where dy depends on the output (a training step, L_h = mse(x + y, t)): the task function runs
         between the forward and the backward, and again on the core's y where the step reruns there
         (``refmoe.study.train`` uses it on CuPy)
-    GraphedStep(x, params, cfg, objective, dy=None, ...)
-        the same step captured once as a CUDA graph and replayed: ``GraphedStep(...)(x=..., dy=...)``
-        (``graph.py``: fixed C, private memory pool, eager fallback where capture is impossible)
+    GraphedStep(x, params, cfg, objective, dy=None, *, task=None, task_inputs=(), ...)
+        the same step captured once as a CUDA graph and replayed: ``GraphedStep(...)(x=..., dy=...)``, or with a
+        task computed inside the graph, ``task(y, x, *task_inputs) -> (task_loss, dy)`` and
+        ``step(x=..., task_inputs=(...))`` (``graph.py``: fixed C, private memory pool, eager fallback where
+        capture is impossible; ``refmoe.study.train`` replays one per phase on CuPy)
     moe_forward, moe_backward
         ``refmoe.moe_forward`` with the routed experts batched over a padded [E, C, D] layout
         (``refmoe.fast.experts``), for ``objective_forward_backward(..., forward=refmoe.fast.moe_forward)``;
@@ -26,6 +28,9 @@ Modules:
                 gathers, combine and its backward, the released Gram-Schmidt L_o forward / backward) and the
                 reference each must equal (the span kernels in ``span_kernels``); ``REFMOE_FAST_KERNELS=0`` runs
                 the references on CuPy too
+    blas        the products: cuBLAS called on handles of its own, so that a CUDA graph can capture them (CuPy
+                refuses cuBLAS inside a capture), with output buffers and accumulation; grouped products over the
+                experts' own rows
     layer       the layer on those kernels, sort-free dispatch, padded (CuPy) or per-expert (NumPy) experts,
                 a backward that frees each buffer after its last use
     losses      L_aux, L_o (pairwise from one batched Gram; span by the kernels), L_v without per-loss checks
@@ -38,7 +43,7 @@ The reading path (``refmoe.layer``, ``refmoe.experts``, ``refmoe.losses``, ``ref
 this package.
 """
 from ..layer import forward_with, moe_backward
-from . import experts, kernels, ortho_gram
+from . import blas, experts, kernels, ortho_gram
 from .graph import GraphedStep
 from .step import STATUS, objective_step
 
@@ -48,5 +53,5 @@ def moe_forward(x, params: dict, cfg):
     return forward_with(experts, x, params, cfg)
 
 
-__all__ = ["objective_step", "GraphedStep", "STATUS", "moe_forward", "moe_backward", "experts", "kernels",
+__all__ = ["objective_step", "GraphedStep", "STATUS", "moe_forward", "moe_backward", "blas", "experts", "kernels",
            "ortho_gram"]

@@ -94,7 +94,7 @@ def _library():
     if _STATE["lib"] is None and _STATE["why"] is None:
         try:
             _STATE["lib"] = _load()
-        except OSError as exc:
+        except (OSError, ImportError) as exc:
             _STATE["why"] = f"no cuBLAS library: {exc}"
     return _STATE["lib"]
 

@@ -252,7 +252,8 @@ def _in_short(result: StudyResult) -> list:
 def render_markdown(result: StudyResult, figures: list) -> str:
     s = result.study
     out = ["# refmoe reproduce: expert specialisation on synthetic clustered data", ""] + _banner(result)
-    path = " (non-logging steps replayed from a CUDA graph, refmoe.fast.GraphedStep)" if uses_fast_path(s.backend) else ""
+    path = (" (non-logging steps replayed from a CUDA graph, refmoe.fast.GraphedStep)"
+            if uses_fast_path(s.backend) else "")
     out += [f"Run on {device_description(s.backend)} with backend `{s.backend}`{path}, {s.dtype}; training and "
             f"evaluation took {result.seconds:.1f} s.", ""] + environment_lines(result.environment) + [""]
     out += ["## Setup", "",
