@@ -57,6 +57,7 @@ def test_matmul_out_and_accumulate(xp, rng, dtype):
     assert rel_error(host(out), host(base) + host(a) @ host(b)) < TOL[dtype]
     empty = blas.matmul(xp, a[:, :, :0], b[:, :0, :])                      # P = 0: zeros
     assert float(abs(host(empty)).max()) == 0.0 and empty.shape == (4, 6, 3)
+    assert blas.matmul(xp, a[:0], b[0]).shape == (0, 6, 3)                  # an empty batch, as NumPy
 
 
 def test_matmul_refuses_what_does_not_chain(xp, rng):

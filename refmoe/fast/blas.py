@@ -15,8 +15,9 @@ Why not ``cupy.matmul``: CuPy 14 refuses every cuBLAS call while a stream is bei
 (``NotImplementedError: calling cuBLAS API during stream capture is currently unsupported``; the guard is in
 its ``cublas.setStream``, which each of its cuBLAS wrappers calls). cuBLAS itself supports capture when the
 handle has a workspace of its own (the cuBLAS documentation, "CUDA Graphs Support"), so the handles here get
-one (``WORKSPACE_BYTES``, allocated once per handle and kept), and are bound to the stream before each call.
-A handle per (device, stream) keeps two streams from sharing a workspace. Pointer mode is the host's:
+one (``WORKSPACE_BYTES``, allocated once per handle and kept). A handle serves one (device, stream): its stream
+is set once, before its workspace, and never again (``cublasSetStream`` resets the workspace to cuBLAS's
+default pool), and two streams never share a workspace. Pointer mode is the host's:
 alpha and beta (1 and 0 or 1) are read when the call is made, so a captured call keeps them.
 
 Layout: the operands are read in place when their last two axes are C- or F-ordered (a ``swapaxes`` view is
@@ -178,6 +179,8 @@ def _operand(xp, a):
 def _gemm(xp, a, b, out, accumulate):
     import cupy
     batch = max(a.shape[0] if a.ndim == 3 else 1, b.shape[0] if b.ndim == 3 else 1)
+    if 0 in [t.shape[0] for t in (a, b) if t.ndim == 3]:
+        batch = 0                                                                # an empty batch broadcasts
     for t in (a, b):
         if t.ndim == 3 and t.shape[0] not in (1, batch):
             raise ValueError(f"matmul: batch sizes {a.shape[0]} and {b.shape[0]} differ")
@@ -198,7 +201,6 @@ def _gemm(xp, a, b, out, accumulate):
     b, op_b, ld_b, s_b = _operand(xp, b)
     lib = _STATE["lib"]
     handle = _handle(cupy.cuda.get_current_stream().ptr)
-    lib.cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr))
     scalar = ctypes.c_float if a.dtype == np.float32 else ctypes.c_double
     alpha, beta = scalar(1.0), scalar(1.0 if accumulate else 0.0)
     # row-major out = a @ b is column-major out^T = b^T a^T: cuBLAS gets (b, a) and computes an [Q, M] matrix
@@ -238,7 +240,6 @@ def _grouped_gemm(xp, fn, groups, dtype, accumulate):
     scalar = ctypes.c_float if dtype == np.float32 else ctypes.c_double
     alpha, beta = (scalar * G)(*([1.0] * G)), (scalar * G)(*([1.0 if accumulate else 0.0] * G))
     handle = _handle(cupy.cuda.get_current_stream().ptr)
-    _STATE["lib"].cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr))
     row = lambda i: ctypes.c_void_p(dev[i].data.ptr)                            # noqa: E731
     status = fn(handle, ints(cols["ta"]), ints(cols["tb"]), ints(cols["m"]), ints(cols["n"]), ints(cols["k"]),
                 alpha, row(0), ints(cols["lda"]), row(1), ints(cols["ldb"]), beta, row(2), ints(cols["ldc"]),
