@@ -199,9 +199,13 @@ def router_backward(xp, dg, P, idx, denom, renorm, scale, d_inj):
 # ----------------------------------------------------------------------------------------------
 
 def ref_gather_rows(xp, src, rows):
-    """out [R, D] = src[rows] with zero rows where rows < 0.  src: [M, D], rows: [R] int."""
-    out = src[xp.maximum(rows, 0)]
-    return out * (rows >= 0)[:, None].astype(src.dtype)
+    """out [R, D] = src[rows] with zero rows where rows < 0 (set, not multiplied: exactly 0 whatever src holds,
+    as the kernel writes them).  src: [M, D], rows: [R] int."""
+    out = xp.take(src, xp.maximum(rows, 0), axis=0)
+    if xp is np:
+        out[rows < 0] = 0
+        return out
+    return xp.where((rows >= 0)[:, None], out, src.dtype.type(0))          # no host read for a mask
 
 
 def gather_rows(xp, src, rows):
