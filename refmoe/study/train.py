@@ -35,7 +35,7 @@ from .alignment import GROUPS, cosine_matrix, gradient_norms, routing_discrimina
 from .metrics import max_vio_array
 from .optim import AdamConfig, adam_init, adam_step, adam_step_inplace
 
-FAST_BACKENDS = ("cupy",)            # backends whose non-logging steps run on refmoe.fast.objective_step
+FAST_BACKENDS = ("cupy",)            # backends whose non-logging steps replay the phase's refmoe.fast.GraphedStep
 
 # name -> (use L_aux, use L_o, use L_v)
 COMBOS = {
