@@ -12,7 +12,8 @@ with three differences that exist only for speed:
   ``layout="padded"`` (the default on CuPy) gives expert e the rows e*C .. e*C + C - 1, C = the largest load
   (one device->host read) or the ``capacity`` passed in (no read; loads above it are reported by
   ``Plan.fits``), and runs each projection as one batched product over [E, C, .]; ``layout="sorted"``
-  (the default on NumPy) puts the experts' rows one after another and runs one product per expert;
+  (the default on NumPy) puts the experts' rows one after another and runs each projection as one grouped
+  product over the experts' own rows (:class:`PerExpertProducts`; one product per expert on NumPy);
 * the backward consumes the forward's buffers (:class:`Tape`): each is dropped once its last reader ran,
   and the SwiGLU backward writes (h, da, db) over (dh, a, b). The backward runs once per forward.
 
@@ -125,15 +126,59 @@ class Tape:
         return value
 
 
-def _swiglu_forward(xp, x, w_gate, w_up, w_down):
-    """(out, a, b): out = (silu(x Wg) * (x Wu)) Wd, batched over a leading axis when there is one."""
-    a = mm(xp, x, w_gate)                                                         # [M, H]
-    b = mm(xp, x, w_up)                                                           # [M, H]
-    h = kn.swiglu_forward_ew(xp, a, b)                                            # [M, H]
-    return mm(xp, h, w_down), a, b
+class Products:
+    """The two kinds of product a SwiGLU needs, on rows that are all one expert's (the shared experts) or
+    batched over a leading expert axis (the padded [E, C, .] layout):
+
+    by_weight(rows, w, out=None, accumulate=False)   rows @ w        [M, P] @ [P, Q] -> [M, Q]
+    weight_grad(rows, d)                             rows^T @ d      [M, P], [M, Q] -> [P, Q]
+    """
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def by_weight(self, rows, w, out=None, accumulate=False):
+        return mm(self.xp, rows, w, out=out, accumulate=accumulate)
+
+    def weight_grad(self, rows, d):
+        return mm(self.xp, rows.swapaxes(-1, -2), d)
 
 
-def _swiglu_backward(xp, dout, operands, w_gate, w_up, w_down, dx=None, accumulate=False):
+class PerExpertProducts(Products):
+    """The same products on the sorted layout: rows [R, .] where expert e holds rows offsets[e] .. offsets[e+1]-1,
+    weights [E, ., .]; each product is one grouped call over the experts (``blas.grouped_matmul``), and an
+    expert without rows gets a zero weight gradient."""
+
+    def __init__(self, xp, offsets):
+        super().__init__(xp)
+        self.spans = list(zip(offsets[:-1], offsets[1:]))
+
+    def by_weight(self, rows, w, out=None, accumulate=False):
+        if out is None:
+            out = self.xp.empty((rows.shape[0], w.shape[-1]), dtype=rows.dtype)
+        grouped_matmul(self.xp, [(rows[lo:hi], w[e], out[lo:hi]) for e, (lo, hi) in enumerate(self.spans)
+                                 if lo < hi], accumulate=accumulate)
+        return out
+
+    def weight_grad(self, rows, d):
+        out = self.xp.empty((len(self.spans), rows.shape[1], d.shape[1]), dtype=rows.dtype)
+        grouped_matmul(self.xp, [(rows[lo:hi].T, d[lo:hi], out[e]) for e, (lo, hi) in enumerate(self.spans)])
+        return out
+
+
+def _products(xp, plan: Plan) -> Products:
+    return Products(xp) if plan.layout == "padded" else PerExpertProducts(xp, plan.offsets)
+
+
+def _swiglu_forward(pr: Products, x, w_gate, w_up, w_down):
+    """(out, a, b): out = (silu(x Wg) * (x Wu)) Wd, with the products of ``pr``."""
+    a = pr.by_weight(x, w_gate)                                                   # [M, H]
+    b = pr.by_weight(x, w_up)                                                     # [M, H]
+    h = kn.swiglu_forward_ew(pr.xp, a, b)                                         # [M, H]
+    return pr.by_weight(h, w_down), a, b
+
+
+def _swiglu_backward(pr: Products, dout, operands, w_gate, w_up, w_down, dx=None, accumulate=False):
     """(dx, dw_gate, dw_up, dw_down) of :func:`_swiglu_forward`.
 
     operands: [x, a, b], handed over (the list is emptied: a and b are overwritten and each buffer is freed
@@ -143,17 +188,17 @@ def _swiglu_backward(xp, dout, operands, w_gate, w_up, w_down, dx=None, accumula
     """
     x, a, b = operands
     operands.clear()
-    dh = mm(xp, dout, w_down.swapaxes(-1, -2))                                    # [M, H]
-    h, da, db = kn.swiglu_backward_ew(xp, dh, a, b)                               # over (dh, a, b)
+    dh = pr.by_weight(dout, w_down.swapaxes(-1, -2))                              # [M, H]
+    h, da, db = kn.swiglu_backward_ew(pr.xp, dh, a, b)                            # over (dh, a, b)
     del dh, a, b
-    dw_down = mm(xp, h.swapaxes(-1, -2), dout)                                    # [H, D]
+    dw_down = pr.weight_grad(h, dout)                                             # [H, D]
     del h
-    dw_gate = mm(xp, x.swapaxes(-1, -2), da)                                      # [D, H]
-    dx = mm(xp, da, w_gate.swapaxes(-1, -2), out=dx, accumulate=accumulate)       # [M, D]
+    dw_gate = pr.weight_grad(x, da)                                               # [D, H]
+    dx = pr.by_weight(da, w_gate.swapaxes(-1, -2), out=dx, accumulate=accumulate)   # [M, D]
     del da
-    dw_up = mm(xp, x.swapaxes(-1, -2), db)                                        # [D, H]
+    dw_up = pr.weight_grad(x, db)                                                 # [D, H]
     del x
-    mm(xp, db, w_up.swapaxes(-1, -2), out=dx, accumulate=True)
+    pr.by_weight(db, w_up.swapaxes(-1, -2), out=dx, accumulate=True)
     return dx, dw_gate, dw_up, dw_down
 
 
@@ -162,31 +207,9 @@ def _experts_forward(xp, x_rows, params, plan: Plan):
     wg, wu, wd = params["w_gate"], params["w_up"], params["w_down"]
     E, D, H = wg.shape
     if plan.layout == "padded":
-        out, a, b = _swiglu_forward(xp, x_rows.reshape(E, plan.C, D), wg, wu, wd)   # [E, C, .]
-        return out.reshape(-1, D), a.reshape(-1, H), b.reshape(-1, H)
-    R = x_rows.shape[0]
-    a, b = xp.empty((R, H), dtype=x_rows.dtype), xp.empty((R, H), dtype=x_rows.dtype)
-    _per_expert(xp, plan, (x_rows, wg, a), (x_rows, wu, b))
-    h = kn.swiglu_forward_ew(xp, a, b)                                            # [R, H]
-    out = xp.empty((R, D), dtype=x_rows.dtype)
-    _per_expert(xp, plan, (h, wd, out))
-    return out, a, b
-
-
-def _per_expert(xp, plan: Plan, *products, accumulate=False):
-    """For each (rows, w, out) and expert e: out[rows of e] (+)= rows[rows of e] @ w[e], as one grouped call.
-
-    ``rows`` may be given as ("T", array) for rows[rows of e].T @ w-rows (the weight gradients: w is then an
-    [R, .] array read by rows too, and out an [E, ., .] array written per expert)."""
-    groups = []
-    for rows, w, out in products:
-        for e in range(len(plan.offsets) - 1):
-            lo, hi = plan.offsets[e], plan.offsets[e + 1]
-            if isinstance(rows, tuple):
-                groups.append((rows[1][lo:hi].T, w[lo:hi], out[e]))
-            elif lo < hi:
-                groups.append((rows[lo:hi], w[e], out[lo:hi]))
-    grouped_matmul(xp, groups, accumulate=accumulate)
+        x_rows = x_rows.reshape(E, plan.C, D)                                     # [E, C, D]
+    out, a, b = _swiglu_forward(_products(xp, plan), x_rows, wg, wu, wd)
+    return out.reshape(-1, D), a.reshape(-1, H), b.reshape(-1, H)
 
 
 def layer_forward(x, params: dict, cfg: MoEConfig, *, layout=None, capacity=None):
@@ -211,7 +234,7 @@ def layer_forward(x, params: dict, cfg: MoEConfig, *, layout=None, capacity=None
     del out_rows
     shared_out = a_s = b_s = None
     if cfg.n_shared:
-        shared_out, a_s, b_s = _swiglu_forward(xp, x, params["shared_w_gate"], params["shared_w_up"],
+        shared_out, a_s, b_s = _swiglu_forward(Products(xp), x, params["shared_w_gate"], params["shared_w_up"],
                                                params["shared_w_down"])           # [N, D], [N, Hs] x2
     y = kn.combine(xp, gates, expert_out, shared_out)                             # [N, D]
     tape = Tape(x=x, params=params, cfg=cfg, renorm=renorm, logits=logits, scores=scores, topk_idx=topk_idx,
@@ -249,7 +272,7 @@ def layer_backward(dy, tape: Tape, d_scores=None, d_expert_out=None) -> dict:
     del d_logits
     if cfg.n_shared:                                                              # shared experts, added
         _, grads["shared_w_gate"], grads["shared_w_up"], grads["shared_w_down"] = _swiglu_backward(
-            xp, dy, [t.x, t.take("a_s"), t.take("b_s")], p["shared_w_gate"], p["shared_w_up"],
+            Products(xp), dy, [t.x, t.take("a_s"), t.take("b_s")], p["shared_w_gate"], p["shared_w_up"],
             p["shared_w_down"], dx=dx_base, accumulate=True)
     dx_rows, grads["w_gate"], grads["w_up"], grads["w_down"] = _experts_backward(xp, d_rows, t)   # [R, D]
     del d_rows
@@ -261,27 +284,8 @@ def _experts_backward(xp, d_rows, t: Tape):
     wg, wu, wd = t.params["w_gate"], t.params["w_up"], t.params["w_down"]
     E, D, H = wg.shape
     plan = t.plan
-    x_rows, a, b = t.take("x_rows"), t.take("a"), t.take("b")
-    if plan.layout == "padded":
-        C = plan.C
-        d_out = d_rows.reshape(E, C, D)                                           # its buffer takes dx
-        operands = [x_rows.reshape(E, C, D), a.reshape(E, C, H), b.reshape(E, C, H)]
-        del x_rows, a, b
-        dx, dwg, dwu, dwd = _swiglu_backward(xp, d_out, operands, wg, wu, wd, dx=d_out)
-        return dx.reshape(-1, D), dwg, dwu, dwd
-    # the sorted layout: _swiglu_backward's lines, each product one grouped call over the experts' rows
-    dh = xp.empty_like(a)
-    _per_expert(xp, plan, (d_rows, wd.swapaxes(1, 2), dh))                        # [R, H]
-    h, da, db = kn.swiglu_backward_ew(xp, dh, a, b)                               # over (dh, a, b)
-    del dh, a, b
-    dwd, dwg = xp.empty_like(wd), xp.empty_like(wg)
-    _per_expert(xp, plan, (("T", h), d_rows, dwd), (("T", x_rows), da, dwg))
-    del h
-    dx = d_rows                                                                   # its buffer takes dx
-    _per_expert(xp, plan, (da, wg.swapaxes(1, 2), dx))
-    del da
-    dwu = xp.empty_like(wu)
-    _per_expert(xp, plan, (("T", x_rows), db, dwu))
-    del x_rows
-    _per_expert(xp, plan, (db, wu.swapaxes(1, 2), dx), accumulate=True)
-    return dx, dwg, dwu, dwd
+    shape = (E, plan.C) if plan.layout == "padded" else (-1,)                     # [E, C, .] or [R, .]
+    d_out = d_rows.reshape(*shape, D)                                             # its buffer takes dx
+    operands = [t.take("x_rows").reshape(*shape, D), t.take("a").reshape(*shape, H), t.take("b").reshape(*shape, H)]
+    dx, dwg, dwu, dwd = _swiglu_backward(_products(xp, plan), d_out, operands, wg, wu, wd, dx=d_out)
+    return dx.reshape(-1, D), dwg, dwu, dwd
