@@ -51,7 +51,7 @@ def matmul(xp, a, b, out=None, accumulate=False):
         if accumulate:
             out += xp.matmul(a, b)
             return out
-        return xp.matmul(a, b, out=out) if out is not None else xp.matmul(a, b)
+        return xp.matmul(a, b, out=out)
     return _gemm(xp, a, b, out, accumulate)
 
 
@@ -230,7 +230,7 @@ def _grouped_gemm(xp, fn, groups, dtype, accumulate):
             raise ValueError("grouped_matmul: every out_g needs unit column stride (rows of a C-ordered array)")
         a, op_a, ld_a, _ = _operand(xp, a)
         b, op_b, ld_b, _ = _operand(xp, b)
-        keep += [a, b]
+        keep += [a, b]              # a copied operand lives until the call: its freed block could take the next copy
         M, P, Q = a.shape[0], a.shape[1], b.shape[1]
         for key, value in zip(cols, (op_b, op_a, Q, M, P, ld_b, ld_a, out.strides[0] // item)):
             cols[key].append(value)
