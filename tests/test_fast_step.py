@@ -257,6 +257,10 @@ def test_graphed_step_with_a_task_equals_the_eager_step(xp, rng):
         assert np.array_equal(host(r1.cache.topk_idx), host(r0.cache.topk_idx))
     with pytest.raises(ValueError, match="task_inputs given"):
         step(x=x, task_inputs=())
+    with pytest.raises(ValueError, match=r"x must be float32\(64, 16\)"):     # no broadcast of one row
+        step(x=x[:1])
+    with pytest.raises(ValueError, match=r"task_inputs\[0\] must be float32"):   # no silent cast
+        step(task_inputs=(target.astype(np.float64),))
     with pytest.raises(ValueError, match="computes dy with its task"):
         step(dy=x)
     with pytest.raises(ValueError, match="not both"):

@@ -52,6 +52,15 @@ def _capture_stream():
     return _STREAMS[dev]
 
 
+def _copy_in(buf, value, name):
+    """buf[...] = value, for a value of buf's library, shape and dtype only (no broadcast, no cast)."""
+    array_namespace(value, buf)
+    if tuple(value.shape) != tuple(buf.shape) or value.dtype != buf.dtype:
+        raise ValueError(f"{name} must be {buf.dtype}{tuple(buf.shape)} as when the step was built, "
+                         f"got {value.dtype}{tuple(value.shape)}")
+    buf[...] = value
+
+
 class GraphedStep:
     """``refmoe.fast.objective_step`` at a fixed shape, replayed from a CUDA graph where possible.
 
@@ -145,19 +154,16 @@ class GraphedStep:
     def __call__(self, x=None, dy=None, task_inputs=None):
         """One step on x and dy or task_inputs (copied into the step's buffers; None keeps the previous ones)."""
         if x is not None:
-            array_namespace(x, self.x)
-            self.x[...] = x
+            _copy_in(self.x, x, "x")
         if dy is not None:
             if self.task is not None:
                 raise ValueError("this GraphedStep computes dy with its task; pass task_inputs")
-            array_namespace(dy, self.x)
-            self.dy[...] = dy
+            _copy_in(self.dy, dy, "dy")
         if task_inputs is not None:
             if len(task_inputs) != len(self.task_inputs):
                 raise ValueError(f"{len(task_inputs)} task_inputs given, the step has {len(self.task_inputs)}")
-            for buf, t in zip(self.task_inputs, task_inputs):
-                array_namespace(t, self.x)
-                buf[...] = t
+            for i, (buf, t) in enumerate(zip(self.task_inputs, task_inputs)):
+                _copy_in(buf, t, f"task_inputs[{i}]")
         if self.mode != "graph":
             return self._eager()
         import cupy
