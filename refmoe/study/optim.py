@@ -55,6 +55,25 @@ def _check_config(c: AdamConfig):
         raise ValueError(f"weight_decay={c.weight_decay} must be >= 0")
 
 
+def _check_step(params: dict, grads: dict, config: AdamConfig):
+    """The checks of one update, all before any arithmetic: the config, a gradient of the parameter's library,
+    shape and dtype for every parameter."""
+    _check_config(config)
+    missing = [k for k in params if k not in grads]
+    if missing:
+        raise ValueError(f"grads lack {missing}")
+    for k, w in params.items():
+        g = grads[k]
+        array_namespace(w, g)
+        if tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
+            raise ValueError(f"grads[{k!r}] is {g.dtype}{tuple(g.shape)}, parameter is {w.dtype}{tuple(w.shape)}")
+
+
+def _bias_corrections(c: AdamConfig, t: int):
+    """(1 - beta1^t, 1 - beta2^t)."""
+    return 1.0 - c.beta1 ** t, 1.0 - c.beta2 ** t
+
+
 def adam_init(params: dict) -> AdamState:
     """Zero moments for every parameter of ``params``."""
     if not isinstance(params, dict) or not params:
@@ -70,20 +89,14 @@ def adam_step(params: dict, grads: dict, state: AdamState, config: AdamConfig = 
     ``grads`` must hold a gradient for every key of ``params`` (extra keys, such as 'x', are ignored),
     with the same shape and dtype.
     """
-    _check_config(config)
-    missing = [k for k in params if k not in grads]
-    if missing:
-        raise ValueError(f"grads lack {missing}")
+    _check_step(params, grads, config)
     c = config
     t = state.t + 1
-    bc1 = 1.0 - c.beta1 ** t                    # bias corrections
-    bc2 = 1.0 - c.beta2 ** t
+    bc1, bc2 = _bias_corrections(c, t)
     new_p, new_m, new_v = {}, {}, {}
     for k, w in params.items():
         g = grads[k]
         xp = array_namespace(w, g)
-        if tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
-            raise ValueError(f"grads[{k!r}] is {g.dtype}{tuple(g.shape)}, parameter is {w.dtype}{tuple(w.shape)}")
         if c.weight_decay and not c.decoupled:
             g = g + c.weight_decay * w                                  # L2 penalty inside the moments
         m = c.beta1 * state.m[k] + (1.0 - c.beta1) * g
@@ -127,23 +140,16 @@ def adam_step_inplace(params: dict, grads: dict, state: AdamState, config: AdamC
         for k, w in params.items():
             w[...], state.m[k][...], state.v[k][...] = new_p[k], new_state.m[k], new_state.v[k]
         return AdamState(state.m, state.v, new_state.t)
-    _check_config(config)
-    missing = [k for k in params if k not in grads]
-    if missing:
-        raise ValueError(f"grads lack {missing}")
+    _check_step(params, grads, config)
     c, t = config, state.t + 1
+    bc1, bc2 = _bias_corrections(c, t)
     if "adam" not in _KERNEL:
         _KERNEL["adam"] = xp.ElementwiseKernel(
             "T g, T b1, T omb1, T b2, T omb2, T bc1, T bc2, T eps, T lr, T wd, bool l2, bool decoupled",
             "T w, T m, T v", _ADAM_BODY, "refmoe_adam", preamble=_ADAM_PREAMBLE)
     for k, w in params.items():
-        g = grads[k]
-        array_namespace(w, g)
-        if tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
-            raise ValueError(f"grads[{k!r}] is {g.dtype}{tuple(g.shape)}, parameter is {w.dtype}{tuple(w.shape)}")
         T = w.dtype.type
-        _KERNEL["adam"](g, T(c.beta1), T(1.0 - c.beta1), T(c.beta2), T(1.0 - c.beta2), T(1.0 - c.beta1 ** t),
-                        T(1.0 - c.beta2 ** t), T(c.eps), T(c.lr), T(c.weight_decay),
-                        bool(c.weight_decay and not c.decoupled), bool(c.weight_decay and c.decoupled),
-                        w, state.m[k], state.v[k])
+        _KERNEL["adam"](grads[k], T(c.beta1), T(1.0 - c.beta1), T(c.beta2), T(1.0 - c.beta2), T(bc1), T(bc2),
+                        T(c.eps), T(c.lr), T(c.weight_decay), bool(c.weight_decay and not c.decoupled),
+                        bool(c.weight_decay and c.decoupled), w, state.m[k], state.v[k])
     return AdamState(state.m, state.v, t)
