@@ -18,14 +18,16 @@ def same(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)     # repr of a float: every bit
 
 
-def test_two_workers_give_the_numbers_of_one_process():
-    one = run_study(SMALL, status=lambda line: None, workers=1)
+def test_two_workers_give_the_numbers_of_one_process(backend):
+    study = SMALL._replace(backend=backend)
+    one = run_study(study, status=lambda line: None, workers=1)
     notes, stream = [], io.StringIO()
-    progress = Progress(count_runs(SMALL), count_steps(SMALL), stream=stream, tty=False)
-    two = run_study(SMALL, status=notes.append, progress=progress, workers=2)
+    progress = Progress(count_runs(study), count_steps(study), stream=stream, tty=False)
+    two = run_study(study, status=notes.append, progress=progress, workers=2)
     for part in ("per_seed", "claims", "summary", "sweep"):    # every record, bit for bit (NaN where NaN)
         assert same(getattr(two, part), getattr(one, part)), part
     assert two.environment["workers"] == 2 and one.environment["workers"] == 1
+    assert ("gpu" in two.environment) == (backend == "cupy") == ("gpu" in one.environment)
     assert two.environment["thread_env"] == {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                                              "MKL_NUM_THREADS": "1"}
     runs = [ln for ln in stream.getvalue().splitlines() if ln.startswith("run ")]
@@ -60,8 +62,9 @@ def test_progress_counts_a_run_done_when_its_worker_starts_the_next():
 
 @pytest.mark.parametrize("workers, backend, message", [
     (0, "numpy", "--workers 0: must be an integer >= 1"),
-    (2, "cupy", "--workers 2: more than one worker needs --backend numpy"),
+    (-2, "cupy", "--workers -2: must be an integer >= 1"),
     (True, "numpy", "--workers True: must be an integer >= 1"),
+    (2.0, "numpy", "--workers 2.0: must be an integer >= 1"),
 ])
 def test_bad_worker_counts_are_named(workers, backend, message):
     assert message in check_workers(workers, backend)
@@ -69,23 +72,36 @@ def test_bad_worker_counts_are_named(workers, backend, message):
         run_study(SMALL._replace(backend=backend), workers=workers)
 
 
-def test_default_workers():
-    assert default_workers("cupy") == 1
-    assert 1 <= default_workers("numpy") <= 2
-    assert check_workers(default_workers("numpy"), "numpy") is None
+def test_default_workers(monkeypatch):
+    import refmoe.study.parallel as par
+
+    assert 1 <= default_workers("numpy") <= 2 and 1 <= default_workers("cupy") <= par.CUPY_WORKERS == 4
+    for backend in ("numpy", "cupy"):
+        assert check_workers(default_workers(backend), backend) is None
+        assert check_workers(3, backend) is None
+    monkeypatch.setattr(par.os, "cpu_count", lambda: 16)
+    assert (default_workers("numpy"), default_workers("cupy")) == (2, 4)
+    monkeypatch.setattr(par.os, "cpu_count", lambda: None)
+    assert (default_workers("numpy"), default_workers("cupy")) == (1, 1)
 
 
-def test_the_command_trains_on_workers_and_refuses_them_on_cupy(tmp_path, capsys):
+def test_the_command_trains_on_workers(backend, tmp_path, capsys):
     from refmoe.cli import main
 
     tiny = ["--quick", "--pretrain-steps", "3", "--finetune-steps", "2", "--presets", "paper", "--combos", "aux",
-            "--sweep", "--eval-tokens", "32", "--no-figures"]
+            "--sweep", "--eval-tokens", "32", "--no-figures", "--backend", backend]
     assert main(["reproduce", *tiny, "--workers", "2", "--out", str(tmp_path / "rep")]) == 0
     printed = capsys.readouterr().out
-    assert "= 4 training runs on numpy, 2 worker processes" in printed
+    assert f"= 4 training runs on {backend}, 2 worker processes" in printed
     report = (tmp_path / "rep" / "report.md").read_text()
     assert ", 1 thread (OPENBLAS_NUM_THREADS=1, OMP_NUM_THREADS=1, MKL_NUM_THREADS=1) in each of 2 worker processes" \
         in report
-    assert main(["reproduce", *tiny, "--workers", "2", "--backend", "cupy", "--out", str(tmp_path / "b")]) == 2
+    gpu = [ln for ln in report.splitlines() if ln.startswith("- CuPy ")]
+    if backend == "cupy":
+        assert len(gpu) == 1 and "CUDA device 0: " in gpu[0] and gpu[0].endswith(", shared by 2 worker processes")
+    else:
+        assert gpu == []
+    assert main(["reproduce", *tiny, "--workers", "0", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --workers 2: more than one worker needs --backend numpy")
+    assert err == ["error: --workers 0: must be an integer >= 1"]
+    assert not (tmp_path / "b").exists()

@@ -42,7 +42,7 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
     parser.add_argument("--workers", type=int, default=None,
                         help="processes that train in parallel, one BLAS thread each (default: the CPU count, at "
-                             "most 2, with numpy; 1 with cupy)")
+                             "most 2 with numpy, at most 4 with cupy, where they share the GPU)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (about 20 s)")
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"number of seeds 0..S-1, at least 2 (default {len(d.seeds)})")

@@ -41,8 +41,20 @@ def _blas_threads():
     return None
 
 
-def environment() -> dict:
-    """Python, NumPy, SciPy, the BLAS NumPy was built with and its thread count (None where unknown), platform."""
+def gpu_environment() -> dict:
+    """CuPy's version, the CUDA runtime's and the device this process computes on."""
+    import cupy
+
+    from ..backend import device_description
+
+    v = cupy.cuda.runtime.runtimeGetVersion()
+    return {"cupy": cupy.__version__, "cuda_runtime": f"{v // 1000}.{v % 1000 // 10}",
+            "device": device_description("cupy")}
+
+
+def environment(backend: str = "numpy") -> dict:
+    """Python, NumPy, SciPy, the BLAS NumPy was built with and its thread count (None where unknown), platform;
+    on CuPy also :func:`gpu_environment` under "gpu"."""
     import scipy
 
     blas = "unknown"
@@ -54,7 +66,8 @@ def environment() -> dict:
     env = {k: os.environ[k] for k in THREAD_VARS if k in os.environ}
     return {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
             "blas": blas, "blas_threads": _blas_threads(), "thread_env": env, "platform": platform.platform(),
-            "machine": platform.machine(), "cpus": os.cpu_count()}
+            "machine": platform.machine(), "cpus": os.cpu_count(),
+            **({"gpu": gpu_environment()} if backend == "cupy" else {})}
 
 
 def environment_lines(env: dict | None = None) -> list:
@@ -68,5 +81,10 @@ def environment_lines(env: dict | None = None) -> list:
     t += "" if w is None else f" in each of {w} worker processes" if w > 1 else ", one process"
     ranks = e.get("data_parallel_ranks")
     t += "" if ranks is None else f" per rank, data-parallel over {ranks} MPI ranks"
-    return [f"- Python {e['python']}, NumPy {e['numpy']}, SciPy {e['scipy']}; BLAS {e['blas']}, {t}",
-            f"- Platform {e['platform']}, {e['machine']}, {e['cpus']} logical CPU(s)"]
+    lines = [f"- Python {e['python']}, NumPy {e['numpy']}, SciPy {e['scipy']}; BLAS {e['blas']}, {t}",
+             f"- Platform {e['platform']}, {e['machine']}, {e['cpus']} logical CPU(s)"]
+    g = e.get("gpu")
+    if g is not None:
+        shared = f", shared by {w} worker processes" if w is not None and w > 1 else ""
+        lines.append(f"- CuPy {g['cupy']}, CUDA runtime {g['cuda_runtime']}; {g['device']}{shared}")
+    return lines

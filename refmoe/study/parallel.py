@@ -12,6 +12,13 @@ study's matrices are small (a batch of 256 tokens against widths of 16 to 32), f
 BLAS splits a product over threads, so in practice the numbers do not change with the worker count;
 ``tests/test_parallel.py`` checks that on a small study.
 
+On CuPy every worker opens its own CUDA context on the current GPU. The study's steps are far too small to
+fill the GPU (a batch of 256 tokens at D = 32), so one process leaves it idle most of the time, waiting on
+Python and on launches; several processes take turns on it. A seed's checkpoint travels between processes as
+NumPy arrays (an explicit copy to the host in the worker that pre-trained, and back to the device in each worker
+that fine-tunes), so the parent never touches the GPU. Each run computes the same operations on the same
+device whichever process runs it, so its numbers do not depend on the worker count either (tested on the GPU).
+
 Progress and ``--verbose`` lines come back through a queue and are printed by the parent.
 """
 from __future__ import annotations
@@ -27,19 +34,19 @@ from .environment import THREAD_VARS, environment
 _events = None                      # in a worker: the queue back to the parent
 
 
+CUPY_WORKERS = 4       # processes sharing one GPU by default (benchmarks/reproduce_cupy_h200/ times 1 to 8)
+
+
 def default_workers(backend: str) -> int:
-    """One worker per CPU, at most 2, on NumPy; 1 (this process) on CuPy, whose work is on the GPU."""
-    if backend != "numpy":
-        return 1
-    return max(1, min(2, os.cpu_count() or 1))
+    """One worker per CPU, at most 2, on NumPy; on CuPy one per CPU, at most CUPY_WORKERS, on the one GPU."""
+    cap = 2 if backend == "numpy" else CUPY_WORKERS
+    return max(1, min(cap, os.cpu_count() or 1))
 
 
 def check_workers(workers: int, backend: str) -> str | None:
     """What is wrong with ``workers`` for ``backend``, in one line, or None."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         return f"--workers {workers}: must be an integer >= 1"
-    if workers > 1 and backend != "numpy":
-        return f"--workers {workers}: more than one worker needs --backend numpy (CuPy runs on one GPU in one process)"
     return None
 
 
@@ -57,15 +64,20 @@ def _on_run(name: str, steps: int):
 
 
 def _pretrain(study, seed):
+    from ..backend import to_numpy
     from .runner import pretrain_seed
 
-    return pretrain_seed(study, seed, status=_status, on_run=_on_run), environment()
+    start = pretrain_seed(study, seed, status=_status, on_run=_on_run)
+    host = {k: to_numpy(w) for k, w in start.params.items()}          # the checkpoint leaves as NumPy arrays
+    return start._replace(params=host), environment(study.backend)
 
 
 def _finetune(study, start, preset, run):
+    from ..backend import to_backend
     from .runner import finetune_run
 
-    return finetune_run(study, start, preset, run, status=_status, on_run=_on_run)
+    params = {k: to_backend(w, study.backend) for k, w in start.params.items()}
+    return finetune_run(study, start._replace(params=params), preset, run, status=_status, on_run=_on_run)
 
 
 @contextlib.contextmanager

@@ -242,7 +242,7 @@ def run_study(study: StudyConfig, *, status: Callable[[str], None] = print,
               progress: Progress | None = None, workers: int = 1, comm=None) -> StudyResult:
     """Every seed, then the summary and the verdicts. ``status`` gets the per-logging-step lines; ``progress``
     (a Progress) is told when each training run starts and closed at the end. ``workers`` > 1 trains on that
-    many processes (``refmoe.study.parallel``, NumPy only); 1 trains in this process. ``comm`` (a
+    many processes (``refmoe.study.parallel``, on either backend); 1 trains in this process. ``comm`` (a
     ``refmoe.distributed`` communicator, every rank calling run_study) splits every batch over its ranks:
     the same numbers, to round-off (``refmoe.study.data_parallel``)."""
     from .parallel import check_workers, run_parallel
@@ -259,7 +259,7 @@ def run_study(study: StudyConfig, *, status: Callable[[str], None] = print,
             per_seed, env = run_parallel(study, workers, status=status, on_run=on_run)
         else:
             per_seed = [run_seed(study, seed, status=status, on_run=on_run, comm=comm) for seed in study.seeds]
-            env = {**environment(), "workers": 1}
+            env = {**environment(study.backend), "workers": 1}
             if comm is not None:
                 env["data_parallel_ranks"] = comm.size
     finally:
