@@ -149,7 +149,7 @@ def test_span_equals_core(xp, rng, K, D, dtype):
     v = kn.span_forward(xp, A, 1e-6)
     v2, d = kn.span_backward(xp, g, A, 1e-6)
     assert v.dtype == dtype and d.dtype == dtype
-    tol = 1e-12 if dtype == np.float64 else 1e-4     # float32: the nearly dependent token, ~1e-5 measured
+    tol = 1e-12 if dtype == np.float64 else 1e-4     # float32: the nearly dependent token, <= 2.3e-5 measured
     assert rel_error(v, ref_v) < tol and rel_error(v2, ref_v) < tol
     assert rel_error(d, ref_d) < tol
 

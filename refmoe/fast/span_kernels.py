@@ -7,13 +7,20 @@ A thread keeps its PER = D / BS entries of the K slot vectors in registers, a do
 reduction, and the K runs (one per slot: the other K-1 slots orthogonalised in order) follow each other in
 the block, so one launch covers all N K runs. The backward keeps no tape: it replays each run's forward (the
 same operations in the same order, so the same numbers), walks it back, and also returns the value.
-Numerics: the kernels sum dot products in a tree, the reference pairwise: float32 differs by a few ulp.
+Numerics: the kernels sum dot products in a tree, the reference by :func:`row_dot` (NumPy's dot loop, CuPy's
+reduction): float32 differs by a few ulp, more on a token whose slots are nearly dependent (tests/test_fast_kernels.py).
+
+The reference is also the NumPy fast path, on chunks of CPU_CHUNK tokens. Its runs' vectors are built by
+broadcast copies, the scores p and ||u||^2 of the forward are kept for the backward, and the runs' gradients go
+back to their slots as two sums per vector: at the ``cpu`` shape of benchmarks/ (N 2048, K 4, D 256, float32,
+one thread) value and gradient take about 48 ms, against 75 ms with gathers, recomputed scores and
+multiply-then-sum dots.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..losses.gram_schmidt import gram_schmidt_backward, gram_schmidt_forward
+from ..losses.gram_schmidt import dot, gram_schmidt_backward, gram_schmidt_forward
 from .switch import kernels_on
 
 _CACHE = {}
@@ -28,20 +35,44 @@ def others_table(K):
     return np.array([[b for b in range(K) if b != a] for a in range(K)], dtype=np.int64).reshape(K, K - 1)
 
 
+def row_dot(xp):
+    """The row dot product ``dot(a, b) -> [R, 1]`` of the references: on NumPy one batched product
+    ([R, 1, D] x [R, D, 1], a single pass without a temporary: about 3x faster than multiply-then-sum at
+    these sizes), on CuPy the core's multiply-sum (one fused reduction)."""
+    if xp is np:
+        return lambda a, b: np.matmul(a[:, None, :], b[:, :, None])[:, 0]
+    return dot
+
+
+def run_columns(xp, A):
+    """The K-1 vectors of every run as K-1 arrays [N*K, D]: run (n, a)'s j-th vector is slot j of token n
+    where j < a, else slot j + 1 (``others_table``), written by two broadcast copies per array."""
+    N, K, D = A.shape
+    cols = []
+    for j in range(K - 1):
+        c = xp.empty_like(A)                                               # [N, K, D], runs along axis 1
+        c[:, :j + 1] = A[:, j + 1:j + 2]
+        c[:, j + 1:] = A[:, j:j + 1]
+        cols.append(c.reshape(N * K, D))
+    return cols
+
+
 def ref_span_runs(xp, A, eps):
     """The K Gram-Schmidt runs of every token batched into one run over N*K groups (run (n, a)
     orthogonalises the slots of token n other than a, in order).  A: [N, K, D] ->
-    (per_token [N], (x_a [N*K, D], us, tape)) with the arithmetic of ``ortho_span.span_per_token``."""
+    (per_token [N], (x_a [N*K, D], us, tape, scores)) with the arithmetic of ``ortho_span.span_per_token``
+    (the dot products summed by :func:`row_dot`)."""
     N, K, D = A.shape
-    oth = xp.asarray(others_table(K))
-    cols = [A[:, oth[:, j]].reshape(N * K, D) for j in range(K - 1)]       # K-1 of [N*K, D]
+    dot_ = row_dot(xp)
     x_a = A.reshape(N * K, D)                                              # [N*K, D] the slot itself
-    us, tape = gram_schmidt_forward(cols, eps)
-    per_run = xp.zeros(N * K, dtype=A.dtype)
+    us, tape = gram_schmidt_forward(run_columns(xp, A), eps, dot=dot_)
+    per_run = xp.zeros((N * K, 1), dtype=A.dtype)
+    scores = []
     for u in us:
-        p = (u * x_a).sum(axis=-1)                                         # [N*K] <u_l, x_a>
-        per_run = per_run + p * p * (u * u).sum(axis=-1)
-    return per_run.reshape(N, K).sum(axis=1), (x_a, us, tape)
+        p, s = dot_(u, x_a), dot_(u, u)                                    # [N*K, 1] <u_l, x_a>, ||u_l||^2
+        per_run = per_run + p * p * s
+        scores.append((p, s))
+    return per_run.reshape(N, K).sum(axis=1), (x_a, us, tape, scores)
 
 
 def ref_span_forward(xp, A, eps):
@@ -58,22 +89,20 @@ def ref_span_backward(xp, g, A, eps):
 
 def ref_span_runs_backward(xp, g, runs, K):
     """dA [N, K, D] of sum_n g_n per_token_n from the tape ``runs`` of :func:`ref_span_runs`.  g: [N]."""
-    x_a, us, tape = runs
+    x_a, us, tape, scores = runs
     N, D = g.shape[0], x_a.shape[1]
     gk = xp.repeat(g, K)[:, None]                                          # [N*K, 1]
-    dA = xp.zeros_like(x_a)                                                # [N*K, D] run a's own slot
+    own = xp.zeros_like(x_a)                                               # [N*K, D] run a's own slot
     dus = []
-    for u in us:
-        p, s = (u * x_a).sum(axis=-1, keepdims=True), (u * u).sum(axis=-1, keepdims=True)
-        dp, ds = 2.0 * p * s * gk, p * p * gk
-        dA += dp * u
-        dus.append(dp * x_a + 2.0 * ds * u)
-    dA = dA.reshape(N, K, D)
-    oth = others_table(K)
-    for j, dcol in enumerate(gram_schmidt_backward(dus, us, tape)):       # run a's j-th other is slot oth[a, j]
-        dcol = dcol.reshape(N, K, D)
-        for a in range(K):
-            dA[:, oth[a, j]] += dcol[:, a]
+    for u, (p, s) in zip(us, scores):
+        dp, ds = 2.0 * p * s * gk, p * p * gk                              # d(p^2 s) = 2 p s dp + p^2 ds
+        own += dp * u
+        dus.append(dp * x_a + (2.0 * ds) * u)
+    dA = own.reshape(N, K, D)
+    for j, dcol in enumerate(gram_schmidt_backward(dus, us, tape, dot=row_dot(xp))):
+        dcol = dcol.reshape(N, K, D)                                       # run a's j-th vector, back to its slot
+        dA[:, j + 1] += dcol[:, :j + 1].sum(axis=1)
+        dA[:, j] += dcol[:, j + 1:].sum(axis=1)
     return dA
 
 

@@ -29,8 +29,9 @@ def safe_inverse(r):
 # modified Gram-Schmidt with v / (||v|| + eps), batched over tokens, and its reverse
 # ----------------------------------------------------------------------------------------------
 
-def gram_schmidt_forward(cols, eps: float):
-    """cols: list of m arrays [N, D] (in order) -> (us: list of m arrays [N, D], tape for the backward)."""
+def gram_schmidt_forward(cols, eps: float, dot=dot):
+    """cols: list of m arrays [N, D] (in order) -> (us: list of m arrays [N, D], tape for the backward).
+    ``dot(a, b) -> [N, 1]``: how the row dot products are summed (``refmoe.fast`` passes a batched product)."""
     xp = array_namespace(*cols)
     us, tape = [], []
     for x in cols:
@@ -47,7 +48,7 @@ def gram_schmidt_forward(cols, eps: float):
     return us, tape
 
 
-def gram_schmidt_backward(dus, us, tape):
+def gram_schmidt_backward(dus, us, tape, dot=dot):
     """Reverse of :func:`gram_schmidt_forward`: dus (list of m [N, D]) -> dcols (list of m [N, D])."""
     dus = list(dus)
     dcols = [None] * len(us)
