@@ -39,15 +39,22 @@ REQUIRED = os.environ.get("REFMOE_REQUIRE_MPI") == "1"      # .ci/run: a missing
 pytestmark = pytest.mark.skipif(MISSING is not None and not REQUIRED, reason=f"{MISSING} (pip install mpi4py mpich)")
 
 
-def run_worker(size: int, *args):
-    if MISSING is not None:
-        pytest.fail(f"REFMOE_REQUIRE_MPI=1 but {MISSING}")
+def mpi_env() -> dict:
+    """The environment for an mpiexec child: the repository importable, UCX on shared memory, and (for a
+    container's root, which Open MPI refuses unless told; MPICH ignores the variables) root allowed."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     env.setdefault("UCX_TLS", "self,sm")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:          # a container's root: Open MPI refuses it unless told
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return env
+
+
+def run_worker(size: int, *args):
+    if MISSING is not None:
+        pytest.fail(f"REFMOE_REQUIRE_MPI=1 but {MISSING}")
+    env = mpi_env()
     start = time.perf_counter()
     proc = subprocess.run([mpiexec(), "-n", str(size), sys.executable, WORKER, *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=TIMEOUT)

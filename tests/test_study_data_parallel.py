@@ -14,7 +14,7 @@ from refmoe.cli import main
 from refmoe.objective import PRESETS
 from refmoe.study.data_parallel import data_parallel_objective, gather_rows, rank_rows
 from refmoe.study.runner import StudyConfig, run_study
-from test_distributed_mpi import MISSING, REQUIRED, ROOT, mpiexec
+from test_distributed_mpi import MISSING, REQUIRED, ROOT, mpi_env, mpiexec
 from thread_comm import run_ranks
 
 SMALL = StudyConfig(d_model=8, d_hidden=8, n_experts=4, top_k=2, n_clusters=4, batch_size=33, pretrain_steps=6,
@@ -108,8 +108,7 @@ def test_reproduce_under_mpiexec_gives_the_one_process_report(tmp_path):
     if MISSING is not None:
         pytest.fail(f"REFMOE_REQUIRE_MPI=1 but {MISSING}")
     assert main(["reproduce", *TINY, "--workers", "1", "--quiet", "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    env.setdefault("UCX_TLS", "self,sm")
+    env = mpi_env()
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "refmoe", "reproduce", *TINY, "--data-parallel",
            "--out", str(tmp_path / "dp")]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
