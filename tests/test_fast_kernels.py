@@ -5,6 +5,8 @@ launch the kernels, and each is also compared with its own reference on the same
 float64: 1e-12 relative or better; float32: the tolerance beside each assertion. New backwards (span, router,
 SwiGLU elementwise) are checked against float64 central differences as well.
 """
+import warnings
+
 import numpy as np
 import pytest
 
@@ -46,14 +48,18 @@ def test_swiglu_elementwise_equal_core(xp, rng, dtype):
     assert rel_error(da @ wg.T + db @ wu.T, dx) < TOL[dtype]
 
 
-def test_swiglu_elementwise_extreme_inputs(xp):
-    a = on(xp, np.array([-1e4, -800.0, -88.0, -1.0, 0.0, 1.0, 88.0, 800.0, 1e4]))
-    b = on(xp, np.full(9, 2.0))
-    h = kn.swiglu_forward_ew(xp, a, b)
-    assert bool(xp.isfinite(h).all())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_swiglu_elementwise_extreme_inputs(xp, dtype):
+    a = on(xp, np.array([-1e4, -800.0, -88.0, -1.0, 0.0, 1.0, 88.0, 800.0, 1e4], dtype=dtype))
+    b = on(xp, np.full(9, 2.0, dtype=dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                              # e^{-a} overflows to inf: no warning
+        h = kn.swiglu_forward_ew(xp, a, b)
+        h2, da, db = kn.swiglu_backward_ew(xp, xp.ones(9, dtype=dtype), a.copy(), b.copy())
+    assert h.dtype == dtype and bool(xp.isfinite(h).all())
     assert float(h[0]) == 0.0 and float(h[-1]) == 2e4               # silu(-inf) = 0, silu(a) = a for large a
-    h2, da, db = kn.swiglu_backward_ew(xp, xp.ones(9), a.copy(), b.copy())
     assert bool(xp.isfinite(da).all()) and rel_error(h2, h) < 1e-15
+    assert float(da[0]) == 0.0 and float(da[-1]) == 2.0             # d silu: 0 far left, 1 far right
 
 
 # ----------------------------------------------------------------------------------------------

@@ -105,3 +105,22 @@ def test_the_command_trains_on_workers(backend, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --workers 0: must be an integer >= 1"]
     assert not (tmp_path / "b").exists()
+
+
+def test_the_worker_benchmark_times_each_count_and_compares_the_records(tmp_path, capsys):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_study_workers
+
+    out = tmp_path / "w.json"
+    assert bench_study_workers.main(["--backend", "numpy", "--quick", "--seeds", "2", "--workers", "1", "2",
+                                     "--json", str(out)]) == 0
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [r["workers"] for r in rows] == [1, 2] and all(r["same_as_first"] for r in rows)
+    assert all(r["seconds"] > 0 and r["gpu"] is None for r in rows)
+    saved = json.loads(out.read_text())
+    assert saved["backend"] == "numpy" and saved["seeds"] == 2 and saved["rows"] == rows
+    with pytest.raises(SystemExit):
+        bench_study_workers.main(["--workers", "0"])
