@@ -9,6 +9,8 @@ G="${1:-4}"
 LOGDIR="${OUT:-/tmp/refmoe_gpu_suite}"
 mkdir -p "$LOGDIR"
 mapfile -t FILES < <(ls -S tests/test_*.py)
+[ "$G" -ge 1 ] 2>/dev/null || { echo "G must be an integer >= 1, got $G" >&2; exit 2; }
+[ "$G" -le "${#FILES[@]}" ] || G=${#FILES[@]}
 declare -a GROUP
 for i in "${!FILES[@]}"; do
   GROUP[$(( i % G ))]+="${FILES[$i]} "
@@ -17,7 +19,8 @@ START=$(date +%s)
 PIDS=()
 for g in $(seq 0 $(( G - 1 ))); do
   # shellcheck disable=SC2086
-  REFMOE_BACKEND=cupy python3 -m pytest -q -p no:cacheprovider -rfE ${GROUP[$g]} > "$LOGDIR/group_$g.log" 2>&1 &
+  REFMOE_BACKEND=cupy python3 -m pytest -q -p no:cacheprovider -rfE --basetemp="$LOGDIR/tmp_$g" ${GROUP[$g]} \
+    > "$LOGDIR/group_$g.log" 2>&1 &
   PIDS+=($!)
 done
 RC=0

@@ -107,12 +107,12 @@ def test_the_command_trains_on_workers(backend, tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
-def test_the_worker_benchmark_times_each_count_and_compares_the_records(tmp_path, capsys):
+def test_the_worker_benchmark_times_each_count_and_compares_the_records(tmp_path, capsys, monkeypatch):
+    import importlib
     import os
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import bench_study_workers
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    bench_study_workers = importlib.import_module("bench_study_workers")
 
     out = tmp_path / "w.json"
     assert bench_study_workers.main(["--backend", "numpy", "--quick", "--seeds", "2", "--workers", "1", "2",

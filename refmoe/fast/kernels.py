@@ -22,7 +22,8 @@ The span kernels give one CUDA block to one token: a thread keeps its D/BS entri
 registers, a dot product is one block reduction, and the K runs of the Gram-Schmidt (one per slot) follow
 each other inside the block, so one launch covers all N K runs. The backward keeps no tape: it replays the
 forward of each run (the same operations in the same order, so the same numbers) and walks it back.
-Numerics: kernel dot products sum in a tree, the references pairwise: float32 results differ by a few ulp.
+Numerics: kernel dot products sum in a tree, the references as ``span_kernels`` says: float32 results differ by
+a few ulp (more on nearly dependent slots, where every implementation is as far from float64 as from the others).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def _elementwise(name, in_params, out_params, body):
 def ref_sigmoid(xp, a):
     """sigma(a) = 1 / (1 + e^{-a}), the kernels' formula: e^{-a} overflows to inf for a very negative a, and
     1 / (1 + inf) = 0 is then the right value, so the overflow is not warned about. One exp and one
-    reciprocal in place: on NumPy float32 about 40% faster than SciPy's ``expit`` (``ops.sigmoid``), to 1 ulp."""
+    reciprocal in place: on NumPy float32 30-40% faster than SciPy's ``expit`` (``ops.sigmoid``) at the layer's
+    sizes, within 4 ulp of it (3.3 ulp of the exact value, measured)."""
     with np.errstate(over="ignore"):
         e = xp.exp(-a)
     e += 1

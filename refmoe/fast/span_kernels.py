@@ -7,14 +7,16 @@ A thread keeps its PER = D / BS entries of the K slot vectors in registers, a do
 reduction, and the K runs (one per slot: the other K-1 slots orthogonalised in order) follow each other in
 the block, so one launch covers all N K runs. The backward keeps no tape: it replays each run's forward (the
 same operations in the same order, so the same numbers), walks it back, and also returns the value.
-Numerics: the kernels sum dot products in a tree, the reference by :func:`row_dot` (NumPy's dot loop, CuPy's
-reduction): float32 differs by a few ulp, more on a token whose slots are nearly dependent (tests/test_fast_kernels.py).
+Numerics: the kernels sum dot products in a tree, the reference the core's way in the Gram-Schmidt and by
+:func:`row_dot` in the scores and the backward. float32 differs by a few ulp where the slots are well apart;
+where they are nearly dependent, the basis amplifies rounding, and every implementation (the core included)
+is as far from the float64 result as from each other (tests/test_fast_kernels.py checks both).
 
 The reference is also the NumPy fast path, on chunks of CPU_CHUNK tokens. Its runs' vectors are built by
 broadcast copies, the scores p and ||u||^2 of the forward are kept for the backward, and the runs' gradients go
 back to their slots as two sums per vector: at the ``cpu`` shape of benchmarks/ (N 2048, K 4, D 256, float32,
-one thread) value and gradient take about 48 ms, against 75 ms with gathers, recomputed scores and
-multiply-then-sum dots.
+one thread) value and gradient take about 52 ms, against 75 ms with gathers, recomputed scores and
+multiply-then-sum dots everywhere.
 """
 from __future__ import annotations
 
@@ -36,9 +38,12 @@ def others_table(K):
 
 
 def row_dot(xp):
-    """The row dot product ``dot(a, b) -> [R, 1]`` of the references: on NumPy one batched product
-    ([R, 1, D] x [R, D, 1], a single pass without a temporary: about 3x faster than multiply-then-sum at
-    these sizes), on CuPy the core's multiply-sum (one fused reduction)."""
+    """The row dot product ``dot(a, b) -> [R, 1]`` of the references' scores and backward: on NumPy one
+    batched product ([R, 1, D] x [R, D, 1], a single pass without a temporary: about 3x faster than
+    multiply-then-sum at these sizes), on CuPy the core's multiply-sum (one fused reduction). The forward
+    Gram-Schmidt keeps the core's sums: on a token whose slots are nearly dependent the basis amplifies any
+    change in how its dots are rounded (to 4e-3 relative in float32 with this dot there), while a change in
+    the scores or the backward stays at rounding."""
     if xp is np:
         return lambda a, b: np.matmul(a[:, None, :], b[:, :, None])[:, 0]
     return dot
@@ -61,11 +66,11 @@ def ref_span_runs(xp, A, eps):
     """The K Gram-Schmidt runs of every token batched into one run over N*K groups (run (n, a)
     orthogonalises the slots of token n other than a, in order).  A: [N, K, D] ->
     (per_token [N], (x_a [N*K, D], us, tape, scores)) with the arithmetic of ``ortho_span.span_per_token``
-    (the dot products summed by :func:`row_dot`)."""
+    (the basis exactly; the scores' dot products summed by :func:`row_dot`)."""
     N, K, D = A.shape
     dot_ = row_dot(xp)
     x_a = A.reshape(N * K, D)                                              # [N*K, D] the slot itself
-    us, tape = gram_schmidt_forward(run_columns(xp, A), eps, dot=dot_)
+    us, tape = gram_schmidt_forward(run_columns(xp, A), eps)               # the core's sums: the same basis
     per_run = xp.zeros((N * K, 1), dtype=A.dtype)
     scores = []
     for u in us:
@@ -111,7 +116,7 @@ CPU_CHUNK = 64      # tokens per call of the references on NumPy: the runs' vect
 
 def _chunked(fn, n_tokens, *arrays):
     """fn on token chunks of ``arrays`` (NumPy), outputs concatenated along the token axis."""
-    parts = [fn(*(a[i:i + CPU_CHUNK] for a in arrays)) for i in range(0, n_tokens, CPU_CHUNK)]
+    parts = [fn(*(a[i:i + CPU_CHUNK] for a in arrays)) for i in range(0, max(n_tokens, 1), CPU_CHUNK)]
     if isinstance(parts[0], tuple):
         return tuple(np.concatenate(p) for p in zip(*parts))
     return np.concatenate(parts)

@@ -1,4 +1,5 @@
-"""The software and hardware a study ran on: Python, NumPy, SciPy, the BLAS and its thread count, the platform.
+"""The software and hardware a study ran on: Python, NumPy, SciPy, the BLAS and its thread count, the platform,
+and on CuPy the CuPy and CUDA runtime versions and the device.
 
 Recorded in every report, because the same seeds give slightly different numbers on another BLAS or another
 thread count (a sum of products is rounded in another order). ``refmoe.study.parallel`` runs each worker
@@ -71,7 +72,8 @@ def environment(backend: str = "numpy") -> dict:
 
 
 def environment_lines(env: dict | None = None) -> list:
-    """``environment()`` (with ``workers`` where the study adds it) as two markdown list lines."""
+    """``environment()`` (with ``workers`` where the study adds it) as markdown list lines: two, and a third on
+    CuPy."""
     e = environment() if env is None else env
     n = e["blas_threads"]
     t = "unknown thread count" if n is None else f"{n} thread{'' if n == 1 else 's'}"

@@ -12,11 +12,13 @@ study's matrices are small (a batch of 256 tokens against widths of 16 to 32), f
 BLAS splits a product over threads, so in practice the numbers do not change with the worker count;
 ``tests/test_parallel.py`` checks that on a small study.
 
-On CuPy every worker opens its own CUDA context on the current GPU. The study's steps are far too small to
+On CuPy every worker opens its own CUDA context on the default GPU (device 0 of those CUDA_VISIBLE_DEVICES
+shows). The study's steps are far too small to
 fill the GPU (a batch of 256 tokens at D = 32), so one process leaves it idle most of the time, waiting on
 Python and on launches; several processes take turns on it. A seed's checkpoint travels between processes as
 NumPy arrays (an explicit copy to the host in the worker that pre-trained, and back to the device in each worker
-that fine-tunes), so the parent never touches the GPU. Each run computes the same operations on the same
+that fine-tunes), so the parent never computes on the GPU (it only asks CuPy whether a device is there,
+before, and for the device's name, after). Each run computes the same operations on the same
 device whichever process runs it, so its numbers do not depend on the worker count either (tested on the GPU).
 
 Progress and ``--verbose`` lines come back through a queue and are printed by the parent.
@@ -34,7 +36,7 @@ from .environment import THREAD_VARS, environment
 _events = None                      # in a worker: the queue back to the parent
 
 
-CUPY_WORKERS = 4       # processes sharing one GPU by default (benchmarks/reproduce_cupy_h200/ times 1 to 8)
+CUPY_WORKERS = 4       # processes sharing one GPU by default (1 to 8 timed: benchmarks/bench_study_workers.py)
 
 
 def default_workers(backend: str) -> int:
