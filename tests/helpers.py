@@ -28,6 +28,14 @@ def host(a):
     return to_numpy(a)
 
 
+def graphed_mode(xp) -> str:
+    """The mode a ``refmoe.fast.GraphedStep`` must be in: "graph" on CuPy with the kernels on, else "eager"
+    (NumPy, or CuPy under ``REFMOE_FAST_KERNELS=0``, where the references run and nothing is captured)."""
+    from refmoe.fast.switch import kernels_on
+
+    return "graph" if kernels_on(xp) else "eager"
+
+
 def routing_key(cache):
     """What a finite-difference step must not change: the top-k indices, and the capacity keep mask if any."""
     if getattr(cache, "keep", None) is None:

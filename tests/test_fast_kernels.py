@@ -221,7 +221,8 @@ def test_span_backward_finite_differences(xp, rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernels_equal_their_references_on_the_gpu(cp, rng, dtype):
-    assert kn.kernels_on(cp)
+    if not kn.kernels_on(cp):
+        pytest.skip("REFMOE_FAST_KERNELS=0: the references run in the kernels' place")
     N, K, D, E, H = 50, 6, 300, 10, 17
     A, g = _rand(cp, rng, (N, K, D), dtype), _rand(cp, rng, (N,), dtype)
     tol = 1e-12 if dtype == np.float64 else 1e-5

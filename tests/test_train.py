@@ -16,7 +16,7 @@ from refmoe.study.runner import StudyConfig, run_seed
 import refmoe.study.train as train_mod
 from refmoe.study.train import COMBOS, RunId, combo_objective, train_phase, train_step
 
-from helpers import host
+from helpers import graphed_mode, host
 
 TINY = MoEConfig(d_model=4, d_hidden=3, n_experts=4, top_k=2, n_shared=1)
 
@@ -173,7 +173,7 @@ def test_train_phase_on_the_fast_path_equals_the_core_path(xp, dtype, tol, monke
                                   fast=fast, backend=backend), logs)
         assert all(np.array_equal(host(params[k]), before[k]) for k in params)   # the phase updated a copy
     assert reruns == []                                                # the fast numbers, not the core's
-    assert len(graphs) == 1 and graphs[0].mode == ("eager" if xp is np else "graph")   # one capture serves
+    assert len(graphs) == 1 and graphs[0].mode == graphed_mode(xp)   # one capture serves
     (core, core_logs), (fast_, fast_logs) = runs[False], runs[True]
     assert [r.step for r in fast_logs] == [1, 5, 10, 12]              # logging steps: the core path, per term
     assert [s.maxvio for s in fast_.steps] == [s.maxvio for s in core.steps]       # the same routing
@@ -211,7 +211,7 @@ def test_train_phase_on_cupy_takes_the_fast_path_and_equals_numpy(cp, monkeypatc
         runs[backend] = train_phase(params, cfg, obj, task, rng, steps=12, batch_size=32, domain="broad",
                                     adam=AdamConfig(lr=1e-2), log_every=5, backend=backend, dtype=np.float64)
     assert calls == [32] * 8                                           # 12 steps, 4 of them logging steps
-    assert len(built) == 1 and built[0].mode == "graph" and built[0].captures == 1, built[0].reason
+    assert len(built) == 1 and built[0].mode == graphed_mode(cp) and built[0].captures == 1, built[0].reason
     a, b = runs["numpy"], runs["cupy"]
     assert [s.maxvio for s in a.steps] == [s.maxvio for s in b.steps]
     assert rel_error(np.array([s.task for s in a.steps]), np.array([s.task for s in b.steps])) <= 1e-10
