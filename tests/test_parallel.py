@@ -67,7 +67,7 @@ def test_progress_counts_a_run_done_when_its_worker_starts_the_next():
     (2.0, "numpy", "--workers 2.0: must be an integer >= 1"),
 ])
 def test_bad_worker_counts_are_named(workers, backend, message):
-    assert message in check_workers(workers, backend)
+    assert message in check_workers(workers)
     with pytest.raises(ValueError, match="workers="):
         run_study(SMALL._replace(backend=backend), workers=workers)
 
@@ -77,8 +77,8 @@ def test_default_workers(monkeypatch):
 
     assert 1 <= default_workers("numpy") <= 2 and 1 <= default_workers("cupy") <= par.CUPY_WORKERS == 4
     for backend in ("numpy", "cupy"):
-        assert check_workers(default_workers(backend), backend) is None
-        assert check_workers(3, backend) is None
+        assert check_workers(default_workers(backend)) is None
+    assert check_workers(3) is None
     monkeypatch.setattr(par.os, "cpu_count", lambda: 16)
     assert (default_workers("numpy"), default_workers("cupy")) == (2, 4)
     monkeypatch.setattr(par.os, "cpu_count", lambda: None)

@@ -243,7 +243,7 @@ def run(args) -> int:
     workers = default_workers(study.backend) if args.workers is None else args.workers
     if args.data_parallel and args.workers is None:
         workers = 1
-    problem = (check_study(study) or check_workers(workers, study.backend)
+    problem = (check_study(study) or check_workers(workers)
                or check_data_parallel(args, workers, study.backend) or check_backend(study.backend)
                or check_out(args.out))
     if problem:

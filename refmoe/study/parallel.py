@@ -13,13 +13,13 @@ BLAS splits a product over threads, so in practice the numbers do not change wit
 ``tests/test_parallel.py`` checks that on a small study.
 
 On CuPy every worker opens its own CUDA context on the default GPU (device 0 of those CUDA_VISIBLE_DEVICES
-shows). The study's steps are far too small to
-fill the GPU (a batch of 256 tokens at D = 32), so one process leaves it idle most of the time, waiting on
-Python and on launches; several processes take turns on it. A seed's checkpoint travels between processes as
-NumPy arrays (an explicit copy to the host in the worker that pre-trained, and back to the device in each worker
-that fine-tunes), so the parent never computes on the GPU (it only asks CuPy whether a device is there,
-before, and for the device's name, after). Each run computes the same operations on the same
-device whichever process runs it, so its numbers do not depend on the worker count either (tested on the GPU).
+shows). The study's steps are far too small to fill the GPU (a batch of 256 tokens at D = 32), so one process
+leaves it idle most of the time, waiting on Python and on launches; several processes take turns on it. A
+seed's checkpoint travels between processes as NumPy arrays (an explicit copy to the host in the worker that
+pre-trained, and back to the device in each worker that fine-tunes), so the parent never computes on the GPU
+(it only asks CuPy whether a device is there, before, and for the device's name, after). Each run computes the
+same operations on the same device whichever process runs it, so its numbers do not depend on the worker count
+either (tested on the GPU).
 
 Progress and ``--verbose`` lines come back through a queue and are printed by the parent.
 """
@@ -45,8 +45,8 @@ def default_workers(backend: str) -> int:
     return max(1, min(cap, os.cpu_count() or 1))
 
 
-def check_workers(workers: int, backend: str) -> str | None:
-    """What is wrong with ``workers`` for ``backend``, in one line, or None."""
+def check_workers(workers: int) -> str | None:
+    """What is wrong with ``workers`` (on either backend), in one line, or None."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         return f"--workers {workers}: must be an integer >= 1"
     return None

@@ -247,7 +247,7 @@ def run_study(study: StudyConfig, *, status: Callable[[str], None] = print,
     the same numbers, to round-off (``refmoe.study.data_parallel``)."""
     from .parallel import check_workers, run_parallel
 
-    problem = check_workers(workers, study.backend)
+    problem = check_workers(workers)
     if problem:
         raise ValueError(problem.replace("--workers ", "workers="))
     if comm is not None and workers > 1:
